@@ -1,0 +1,133 @@
+"""C-STORE ingest throughput of dxgate's SCP against dcmtk's storescp, measured in the same run.
+
+One synthetic CT series is sent by dcmtk `storescu` over 1 association and over 4 parallel
+associations to `dxgate serve` (fsync on and off) and to dcmtk `storescp` (`--fork` for 4), with
+TCP_NODELAY=1 in the environment of dcmtk on both sides and the same maximum PDU size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import common
+
+NAME = "ingest"
+SCU_AE = "BENCHSCU"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--slices", type=int, default=None, help="slices in the series (default 300; tiny 6)")
+    p.add_argument("--rows", type=int, default=None, help="rows = columns (default 512; tiny 128)")
+    p.add_argument("--associations", type=int, nargs="+", default=[1, 4], help="parallel associations to test")
+    p.add_argument("--pdu", type=int, default=116794, help="max PDU receive size for storescu and storescp")
+    p.add_argument("--repeats", type=int, default=None, help="sends per configuration (default 2; tiny 1)")
+    p.add_argument("--fsync", choices=["both", "on", "off"], default="both", help="dxgate fsync settings to run")
+
+
+def send(files: list[Path], port: int, aec: str, associations: int, pdu: int) -> tuple[float, list[str]]:
+    """storescu over `associations` parallel associations; returns (seconds, errors)."""
+    chunks = [files[i::associations] for i in range(associations)]
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen([common.dcmtk("storescu"), "-aet", SCU_AE, "-aec", aec, "-pdu", str(pdu),
+                               "127.0.0.1", str(port), *map(str, chunk)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=common.dcmtk_env())
+             for chunk in chunks if chunk]
+    errors = []
+    for proc in procs:
+        _, err = proc.communicate(timeout=1800)
+        if proc.returncode != 0:
+            errors.append(err.decode(errors="replace")[-500:])
+    return time.perf_counter() - t0, errors
+
+
+def _measure(target: str, files: list[Path], nbytes: int, port: int, aec: str, assoc: int, args: argparse.Namespace,
+             repeats: int, extra: dict[str, Any]) -> dict[str, Any]:
+    times, errors = [], []
+    for _ in common.progress(range(repeats), f"{target} x{assoc}"):
+        seconds, errs = send(files, port, aec, assoc, args.pdu)
+        times.append(seconds)
+        errors += errs
+    best = min(times)
+    row = {"target": target, "associations": assoc, "images": len(files), "bytes": nbytes, "seconds": times,
+           "images_per_s": len(files) / best, "mb_per_s": nbytes / best / 1e6, "errors": errors, **extra}
+    common.log(f"{target} x{assoc}: {row['images_per_s']:.1f} images/s, {row['mb_per_s']:.1f} MB/s")
+    return row
+
+
+def _storescp(od: Path, port: int, pdu: int, fork: bool) -> subprocess.Popen:
+    od.mkdir(parents=True, exist_ok=True)
+    cmd = [common.dcmtk("storescp"), "-aet", "STORESCP", "-od", str(od), "-pdu", str(pdu),
+           *(["--fork"] if fork else []), str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=common.dcmtk_env())
+    common.wait_for_echo(port, "STORESCP", proc=proc)
+    return proc
+
+
+def run(args: argparse.Namespace, out: Path, info: dict[str, Any]) -> dict[str, Any]:
+    slices = args.slices or (6 if args.tiny else 300)
+    rows = args.rows or (128 if args.tiny else 512)
+    repeats = args.repeats or (1 if args.tiny else 2)
+    fsyncs = {"both": [True, False], "on": [True], "off": [False]}[args.fsync]
+    result = common.payload(NAME, info, {
+        "slices": slices, "rows": rows, "associations": args.associations, "repeats": repeats,
+        "max_pdu_storescu": args.pdu, "max_pdu_storescp": args.pdu, "max_pdu_dxgate": 0,
+        "TCP_NODELAY_dcmtk": 1, "tcp_nodelay_dxgate": True, "fsync_dxgate": fsyncs, "fsync_storescp": "n/a (none)",
+        "transfer_syntax": "as written (Explicit VR Little Endian)", "metric": "best of repeats"})
+    with tempfile.TemporaryDirectory(prefix="dxgate-ingest-") as tmp_name:
+        tmp = Path(tmp_name)
+        common.log(f"writing {slices} slices of {rows}x{rows}")
+        files = common.write_study(tmp / "study", slices, rows, seed=1)
+        nbytes = sum(f.stat().st_size for f in files)
+        for assoc in args.associations:
+            port = common.free_port()
+            proc = _storescp(tmp / f"storescp-{assoc}", port, args.pdu, fork=assoc > 1)
+            try:
+                result["results"].append(_measure("storescp" + (" --fork" if assoc > 1 else ""), files, nbytes,
+                                                  port, "STORESCP", assoc, args, repeats, {"fsync": None}))
+            finally:
+                common.stop(proc)
+        for fsync in fsyncs:
+            try:
+                (tmp / "no-models").mkdir(exist_ok=True)
+                proc, cfg = common.start_dxgate(tmp / f"dxgate-fsync-{fsync}", tmp / "no-models", fsync=fsync,
+                                                quiet_seconds=30.0, max_associations=max(args.associations) + 2)
+            except (RuntimeError, FileNotFoundError) as exc:
+                result["results"].append({"target": f"dxgate fsync={fsync}", "error": str(exc)[-1000:]})
+                common.log(f"dxgate skipped: {str(exc).splitlines()[0]}")
+                continue
+            try:
+                for assoc in args.associations:
+                    result["results"].append(_measure(f"dxgate fsync={'on' if fsync else 'off'}", files, nbytes,
+                                                      cfg["dicom_port"], cfg["ae_title"], assoc, args, repeats,
+                                                      {"fsync": fsync}))
+            finally:
+                common.stop(proc)
+    _summarise(result, out)
+    return result
+
+
+def _summarise(result: dict[str, Any], out: Path) -> None:
+    ok = [r for r in result["results"] if "images_per_s" in r]
+    base = {r["associations"]: r["images_per_s"] for r in ok if r["target"].startswith("storescp")}
+    for r in ok:
+        r["ratio_vs_storescp"] = r["images_per_s"] / base[r["associations"]] if r["associations"] in base else None
+    result["summary"] = {f"{r['target']} x{r['associations']}": {
+        "images_per_s": r["images_per_s"], "mb_per_s": r["mb_per_s"], "ratio_vs_storescp": r["ratio_vs_storescp"]}
+        for r in ok}
+    result["summary"]["dxgate_available"] = any(r["target"].startswith("dxgate") for r in ok)
+    common.write_json(out / f"{NAME}.json", result)
+    rows = [{"target": r["target"], "associations": r.get("associations"), "images/s": r.get("images_per_s"),
+             "MB/s": r.get("mb_per_s"), "ratio vs storescp": r.get("ratio_vs_storescp"),
+             "errors": len(r.get("errors", [])) if "error" not in r else r["error"].splitlines()[0]}
+            for r in result["results"]]
+    common.write_markdown(out / f"{NAME}.md", "C-STORE ingest throughput", result, [
+        ("Throughput (best of repeats)", common.md_table(rows, list(rows[0]) if rows else ["target"])),
+        ("Notes", "storescp writes without fsync; compare it with dxgate fsync=off for the protocol cost and "
+                  "with fsync=on for the durability cost. Both sides run dcmtk with TCP_NODELAY=1.")])
+    common.bar_plot(out / f"{NAME}_throughput.png", [f"{r['target']} x{r['associations']}" for r in ok],
+                    [r["images_per_s"] for r in ok], "images / s", "C-STORE ingest (storescu -> SCP)")

@@ -1,0 +1,148 @@
+"""`dxgate serve`: one process running the SCP, assembly/routing, worker(s), sender and the HTTP API.
+
+Start-up recovers from a crash: temp files in the spool are removed, associations left open are
+closed (they can never be released), RUNNING jobs are requeued. Every loop reads and writes only the
+job store and the spool, so a SIGKILL at any moment loses nothing that was acknowledged.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from dataclasses import dataclass, field
+
+from dicom_gateway.assembly import mark_ready_studies, route_ready_studies
+from dicom_gateway.errors import ConfigError
+from dicom_gateway.jobstore import JobStore
+from dicom_gateway.logs import configure_logging
+from dicom_gateway.settings import Settings
+from dicom_gateway.worker import LoadedModel, Worker
+from inference.backends.factory import make_backend
+from inference.errors import InferenceError
+from inference.model_repo import discover_models
+from inference.pipeline import ModelRunner
+
+log = logging.getLogger("dxgate.server")
+
+
+def load_models(settings: Settings) -> dict[str, LoadedModel]:
+    """Every model under models_dir with a warm backend; a broken model folder refuses start."""
+    try:
+        found = discover_models(settings.models_dir)
+    except InferenceError as exc:
+        raise ConfigError(f"models_dir {settings.models_dir}: {exc}") from exc
+    loaded: dict[str, LoadedModel] = {}
+    for name, model in found.items():
+        opts = settings.backends.get(name)
+        kind = opts.kind if opts else "onnxruntime"
+        options = opts.model_dump(exclude={"kind"}, exclude_none=True) if opts else {}
+        try:
+            backend = make_backend(model, kind, **options)
+        except InferenceError as exc:
+            raise ConfigError(f"model {name}: backend {kind} cannot start: {exc}") from exc
+        loaded[name] = LoadedModel(model=model, runner=ModelRunner(model, backend))
+        log.info("model loaded", extra={"model": name, "reason": f"version {model.version} backend {kind}"})
+    wanted = {m for rule in settings.rules for m in rule.models}
+    for name in sorted(wanted - set(loaded)):
+        log.warning("a rule names model %s, which is not installed in %s", name, settings.models_dir)
+    return loaded
+
+
+@dataclass
+class Gateway:
+    """All components of one dxgate process; `start()` returns once they run, `stop()` joins them."""
+
+    settings: Settings
+    store: JobStore = field(init=False)
+    models: dict[str, LoadedModel] = field(init=False, default_factory=dict)
+    _stop: threading.Event = field(init=False, default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(init=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        from dicom_gateway.rules import validate_rules
+
+        validate_rules(self.settings.rules)
+        for d in (self.settings.data_dir, self.settings.spool_dir, self.settings.outbox_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.store = JobStore(self.settings.db_path, durable=self.settings.fsync)
+
+    def start(self) -> None:
+        from dicom_gateway.scp import StorageSCP
+        from dicom_gateway.sender import Sender
+        from dicom_gateway.spool import Spool
+
+        s = self.settings
+        self.spool = Spool(s.spool_dir, fsync=s.fsync, min_free_bytes=s.min_free_disk_mb * 1024 * 1024)
+        self.spool.cleanup_temp()
+        closed = self.store.close_stale_associations()
+        requeued = self.store.requeue_orphans()
+        if closed or requeued:
+            log.warning("recovered after an unclean stop: %d association(s) closed, %d job(s) requeued",
+                        closed, requeued)
+        self.models = load_models(s)
+        self.scp = StorageSCP(s, self.store, self.spool)
+        self.scp.start()
+        self.sender = Sender(s, self.store)
+        self._spawn("assembly", self._assembly_loop)
+        for n in range(s.worker.count):
+            worker = Worker(s, self.store, self.models)
+            self._spawn(f"worker-{n}", worker.run_forever, self._stop)
+        self._spawn("sender", self.sender.run_forever, self._stop)
+        log.info("dxgate listening", extra={"reason": f"AE {s.ae_title} port {s.dicom_port} http {s.http_port}"})
+
+    def _spawn(self, name: str, target, *args) -> None:  # noqa: ANN001
+        t = threading.Thread(target=target, args=args, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _assembly_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                mark_ready_studies(self.settings, self.store)
+                route_ready_studies(self.settings, self.store, {n: m.model for n, m in self.models.items()})
+            except Exception:
+                log.exception("assembly loop error")
+            self._stop.wait(0.2)
+
+    def readiness(self) -> dict[str, bool]:
+        try:
+            self.store.query("SELECT 1")
+            store_ok = True
+        except Exception:
+            store_ok = False
+        usage = shutil.disk_usage(self.settings.data_dir)
+        return {
+            "scp": getattr(self, "scp", None) is not None and self.scp.is_running,
+            "store": store_ok,
+            "models": bool(self.models),
+            "disk": usage.free >= self.settings.min_free_disk_mb * 1024 * 1024,
+        }
+
+    def stop(self) -> None:
+        self._stop.set()
+        if getattr(self, "scp", None) is not None:
+            self.scp.stop()
+        for t in self._threads:
+            t.join(timeout=10)
+        for m in self.models.values():
+            m.runner.backend.close()
+
+
+def serve(settings: Settings) -> int:
+    """Run until SIGINT/SIGTERM. The HTTP API runs in the main thread (uvicorn handles the signals)."""
+    import uvicorn
+
+    from dicom_gateway.api import create_app
+
+    configure_logging(settings.log_level, settings.log_format)
+    gateway = Gateway(settings)
+    gateway.start()
+    try:
+        app = create_app(settings, gateway.store, gateway.readiness)
+        config = uvicorn.Config(app, host=settings.bind_address, port=settings.http_port, log_config=None,
+                                access_log=False)
+        uvicorn.Server(config).run()
+    finally:
+        gateway.stop()
+    return 0

@@ -1,0 +1,261 @@
+"""TID 1500 Measurement Report as a Comprehensive 3D SR (PS3.3 A.35.13), built with highdicom.
+
+Content tree (PS3.16 TID 1500):
+- observation context: device observer (TID 1004) = the model, UID stable per model name + version;
+- procedure reported: CT chest for the nodule model, else CT/MR of an unspecified body region (CID 100);
+- image library (TID 1600) with every source image;
+- one Volumetric ROI group (TID 1411) per finding: tracking identifier (UID = `Finding.tracking_uid`),
+  finding type, category and site, algorithm identification (name, version, "weights sha256=<hex>"),
+  the ROI as the finding's SEG segment when a SEG is given (the SEG segment also carries the same
+  Tracking UID), else a "Volume surface" SCOORD3D POINT at the centre in the source frame of reference
+  (TID 1411 allows one of the two; highdicom enforces it), and measurements (TID 300): Diameter
+  (SCT 81827009, mm), Volume (SCT 118565006, mm3) and the detection probability ({ratio}). No standard
+  concept names a detector's confidence (DCM 111047 "Probability of cancer" would claim malignancy), so
+  it is the private code 99DXGATE DXG0001 "Detection probability";
+- no finding: one TID 1501 group whose qualitative evaluations answer each card finding type with
+  SCT 272519000 "Absent" (highdicom requires at least one measurement group).
+A re-run that supersedes earlier reports lists them in the Predecessor Documents Sequence (C.17.2.1).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.sr.codedict import codes
+from pydicom.uid import Comprehensive3DSRStorage, generate_uid
+
+from inference.encode.common import (
+    DETECTION_PROBABILITY,
+    MANUFACTURER,
+    SOFTWARE_NAME,
+    UNIT_MM,
+    UNIT_MM3,
+    UNIT_RATIO,
+    coded,
+    device_uid,
+    label_spec_for,
+    ordered_sources,
+    private_coding_schemes,
+    series_description,
+    software_versions,
+)
+from inference.encode.seg import segment_numbers
+from inference.errors import EncodeError
+from inference.findings import Finding, InferenceResult
+from inference.model_card import ModelCard
+
+CT_CHEST = hd.sr.CodedConcept("24627-2", "LN", "CT Chest")
+CT_UNSPECIFIED = hd.sr.CodedConcept("25045-6", "LN", "CT unspecified body region")
+MR_UNSPECIFIED = hd.sr.CodedConcept("25056-3", "LN", "MR unspecified body region")
+ABSENT = hd.sr.CodedConcept("272519000", "SCT", "Absent")
+
+
+def procedure_code(card: ModelCard, modality: str) -> hd.sr.CodedConcept:
+    """Procedure reported (CID 100) for the model and the source modality."""
+    if modality == "MR":
+        return MR_UNSPECIFIED
+    return CT_CHEST if card.postprocess == "nodules" else CT_UNSPECIFIED
+
+
+def algorithm_id(card: ModelCard) -> hd.sr.AlgorithmIdentification:
+    """TID 4019 Algorithm Identification with the weights hash as a parameter."""
+    return hd.sr.AlgorithmIdentification(
+        name=card.name, version=card.version, parameters=[f"weights sha256={card.weights_sha256}"]
+    )
+
+
+def tracking_identifier(finding: Finding) -> hd.sr.TrackingIdentifier:
+    return hd.sr.TrackingIdentifier(
+        uid=finding.tracking_uid or generate_uid(), identifier=f"{finding.label} {finding.label_index}"
+    )
+
+
+def encode_sr(
+    result: InferenceResult,
+    card: ModelCard,
+    sources: Sequence[pydicom.Dataset],
+    *,
+    seg: pydicom.Dataset | None,
+    supersedes: Sequence[tuple[str, str, str]] = (),
+    series_number: int = 9000,
+    instance_number: int = 1,
+) -> pydicom.Dataset:
+    """Encode the findings as a TID 1500 Comprehensive 3D SR in the source study.
+
+    `seg` is the segmentation made by `encode_seg` for the same result (or None); `supersedes` lists
+    (StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID) of earlier dxgate SRs this one replaces.
+    """
+    images = ordered_sources(result, sources)
+    algo = algorithm_id(card)
+    groups: list[
+        hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations
+    ]
+    try:
+        if result.findings:
+            numbers = segment_numbers(result) if seg is not None else {}
+            groups = [
+                _finding_group(f, card, images, algo, seg, numbers.get(f.label_index)) for f in result.findings
+            ]
+        else:
+            groups = [_no_finding_group(card, algo)]
+        report = hd.sr.MeasurementReport(
+            observation_context=_observation_context(card),
+            procedure_reported=procedure_code(card, str(images[0].Modality)),
+            imaging_measurements=groups,
+            referenced_images=images,
+        )
+        evidence = [*images, seg] if seg is not None else images
+        sr = hd.sr.Comprehensive3DSR(
+            evidence=evidence,
+            content=report,
+            series_instance_uid=generate_uid(),
+            series_number=series_number,
+            sop_instance_uid=generate_uid(),
+            instance_number=instance_number,
+            manufacturer=MANUFACTURER,
+            is_complete=True,
+            series_description=series_description(card, "SR"),
+            manufacturer_model_name=card.name[:64],
+            software_versions=software_versions(card),
+            device_serial_number=card.weights_sha256[:16],
+            coding_schemes=private_coding_schemes(),
+        )
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise EncodeError(f"cannot build SR: {exc}") from exc
+    if supersedes:
+        sr.PredecessorDocumentsSequence = predecessor_documents(supersedes)
+    return sr
+
+
+def _observation_context(card: ModelCard) -> hd.sr.ObservationContext:
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=device_uid(card),
+        name=f"{SOFTWARE_NAME} {card.name}"[:64],
+        manufacturer_name=card.algorithm_manufacturer,
+        model_name=f"{card.name} {card.version}"[:64],
+    )
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device, observer_identifying_attributes=device
+        )
+    )
+
+
+def _finding_group(
+    finding: Finding,
+    card: ModelCard,
+    images: Sequence[pydicom.Dataset],
+    algo: hd.sr.AlgorithmIdentification,
+    seg: pydicom.Dataset | None,
+    segment_number: int | None,
+) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    spec = label_spec_for(card, finding)
+    frame_of_reference = str(images[0].FrameOfReferenceUID)
+    centre = np.asarray([finding.centre_mm], dtype=float)
+    measurements = []
+    if finding.diameter_mm is not None:
+        measurements.append(hd.sr.Measurement(name=codes.SCT.Diameter, value=finding.diameter_mm, unit=UNIT_MM))
+    if finding.volume_mm3 is not None:
+        measurements.append(hd.sr.Measurement(name=codes.SCT.Volume, value=finding.volume_mm3, unit=UNIT_MM3))
+    measurements.append(
+        hd.sr.Measurement(
+            name=DETECTION_PROBABILITY,
+            value=float(finding.probability),
+            unit=UNIT_RATIO,
+            algorithm_id=algo,
+        )
+    )
+    roi: dict = {}
+    if seg is not None and segment_number is not None:
+        roi["referenced_segment"] = referenced_segment(seg, segment_number, images)
+    else:
+        roi["referenced_volume_surface"] = hd.sr.VolumeSurface(
+            graphic_type=hd.sr.GraphicTypeValues3D.POINT,
+            graphic_data=centre,
+            frame_of_reference_uid=frame_of_reference,
+            source_series=hd.sr.SourceSeriesForSegmentation(str(images[0].SeriesInstanceUID)),
+        )
+    site = finding.site_code or spec.site
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking_identifier(finding),
+        finding_type=coded(finding.finding_code),
+        finding_category=coded(spec.category),
+        finding_sites=[hd.sr.FindingSite(anatomic_location=coded(site))] if site is not None else None,
+        algorithm_id=algo,
+        measurements=measurements,
+        **roi,
+    )
+
+
+def referenced_segment(seg: pydicom.Dataset, segment_number: int,
+                       images: Sequence[pydicom.Dataset]) -> hd.sr.ReferencedSegment:
+    """TID 1411 reference to one SEG segment and the source images its frames derive from.
+
+    highdicom's `ReferencedSegment.from_segmentation` reads Segment Identification from the per-frame
+    functional groups only; a one-frame SEG keeps it in the shared groups (PS3.3 C.7.6.16), so the
+    frames of the segment are found here in either place.
+    """
+    shared = seg.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in seg else None
+    per_frame = seg.get("PerFrameFunctionalGroupsSequence", [])
+    frames: list[int] = []
+    sources: set[str] = set()
+    for i, item in enumerate(per_frame, start=1):
+        ident = item.get("SegmentIdentificationSequence") or (shared.get("SegmentIdentificationSequence")
+                                                              if shared is not None else None)
+        if ident and int(ident[0].ReferencedSegmentNumber) == segment_number:
+            frames.append(i)
+            for deriv in item.get("DerivationImageSequence", []):
+                for src in deriv.get("SourceImageSequence", []):
+                    sources.add(str(src.ReferencedSOPInstanceUID))
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in images}
+    source_images = [hd.sr.SourceImageForSegmentation(str(by_uid[u].SOPClassUID), u) for u in sorted(sources)
+                     if u in by_uid]
+    kwargs: dict = {"source_images": source_images} if source_images else {
+        "source_series": hd.sr.SourceSeriesForSegmentation(str(images[0].SeriesInstanceUID))}
+    return hd.sr.ReferencedSegment(sop_class_uid=str(seg.SOPClassUID), sop_instance_uid=str(seg.SOPInstanceUID),
+                                   segment_number=segment_number, **kwargs)  # whole segment: no frame list
+
+
+def _no_finding_group(
+    card: ModelCard, algo: hd.sr.AlgorithmIdentification
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group stating that none of the card's finding types was detected."""
+    seen: dict[tuple[str, str], hd.sr.CodedConcept] = {}
+    for spec in card.labels:
+        seen.setdefault((spec.finding.value, spec.finding.scheme), coded(spec.finding))
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="No finding detected"),
+        finding_category=coded(card.labels[0].category),
+        algorithm_id=algo,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=c, value=ABSENT) for c in seen.values()],
+    )
+
+
+def predecessor_documents(supersedes: Sequence[tuple[str, str, str]]) -> pydicom.Sequence:
+    """Predecessor Documents Sequence (PS3.3 C.17.2.1, Hierarchical SOP Instance Reference Macro)."""
+    tree: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for study_uid, series_uid, sop_uid in supersedes:
+        tree[study_uid][series_uid].append(sop_uid)
+    studies = []
+    for study_uid, series in tree.items():
+        study_item = pydicom.Dataset()
+        study_item.StudyInstanceUID = study_uid
+        series_items = []
+        for series_uid, sops in series.items():
+            series_item = pydicom.Dataset()
+            series_item.SeriesInstanceUID = series_uid
+            sop_items = []
+            for sop_uid in sops:
+                sop_item = pydicom.Dataset()
+                sop_item.ReferencedSOPClassUID = Comprehensive3DSRStorage
+                sop_item.ReferencedSOPInstanceUID = sop_uid
+                sop_items.append(sop_item)
+            series_item.ReferencedSOPSequence = sop_items
+            series_items.append(series_item)
+        study_item.ReferencedSeriesSequence = series_items
+        studies.append(study_item)
+    return pydicom.Sequence(studies)

@@ -1,0 +1,85 @@
+"""The model card, `models/<name>/metadata.json`: what the gateway and Triton both need to know.
+
+The same folder serves Triton directly (`config.pbtxt`, `<version>/model.onnx`); the card adds what
+Triton does not: modality, spacing, window, labels with codes, thresholds, provenance.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+NOT_FOR_CLINICAL_USE = "Research use only. Not for clinical use."
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CodeModel(_Strict):
+    value: str
+    scheme: str  # SCT, RADLEX, DCM, 99DXGATE
+    meaning: str
+
+
+class LabelSpec(_Strict):
+    """One output class. `index` is the channel (softmax) or 1 for a single sigmoid channel."""
+
+    index: int = Field(ge=1)
+    name: str
+    finding: CodeModel                 # TID 1500 finding type / SEG segmented property type
+    category: CodeModel                # SEG segmented property category
+    site: CodeModel | None = None      # anatomic location
+
+
+class InputSpec(_Strict):
+    name: str = "image"
+    spacing_mm: tuple[float, float, float]     # (z, y, x) resampling target
+    window: tuple[float, float]                # (low, high) HU mapped to [0, 1]
+    roi_size: tuple[int, int, int]             # sliding-window patch (z, y, x)
+    overlap: float = Field(default=0.25, ge=0, lt=1)
+    batch_size: int = Field(default=4, ge=1)
+
+
+class OutputSpec(_Strict):
+    name: str = "logits"
+    activation: Literal["sigmoid", "softmax"] = "sigmoid"
+    channels: int = Field(ge=1)
+
+
+class Thresholds(_Strict):
+    probability: float = Field(default=0.5, gt=0, lt=1)
+    min_diameter_mm: float = Field(default=0.0, ge=0)
+    min_volume_mm3: float = Field(default=0.0, ge=0)
+
+
+class SeriesPreference(_Strict):
+    """How the worker picks the one series the model reads from a study."""
+
+    modalities: list[str]
+    orientation: list[Literal["axial", "sagittal", "coronal"]] = ["axial"]
+    min_slices: int = 16
+    max_slice_thickness_mm: float | None = None
+    prefer: Literal["thinnest", "most_slices"] = "thinnest"
+
+
+class ModelCard(_Strict):
+    name: str
+    version: str
+    task: Literal["lung-nodule-detection", "vertebra-labelling"]
+    description: str
+    modality: list[str]
+    body_part: list[str]
+    postprocess: Literal["nodules", "vertebrae"]
+    input: InputSpec
+    output: OutputSpec
+    labels: list[LabelSpec]
+    thresholds: Thresholds = Thresholds()
+    series: SeriesPreference
+    weights_file: str = "model.onnx"
+    weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    training: dict = Field(default_factory=dict)   # data, seed, command, epochs, time
+    metrics: dict = Field(default_factory=dict)    # held-out figures with the command that made them
+    intended_use: str = NOT_FOR_CLINICAL_USE
+    algorithm_manufacturer: str = "dxgate project"

@@ -1,0 +1,174 @@
+"""Network outputs -> findings in patient mm plus a label map on the source grid (CONTRACTS.md, Model contract).
+
+Label map convention: the value of a voxel is the `LabelSpec.index` of its class (0 = background), so
+one SEG segment per label class (PS3.3 C.8.20.2). Findings of one class share that value (every nodule
+has label_index 1); each Finding keeps its own identity (centre, size, tracking UID).
+
+Measurements are taken on the SOURCE grid: volume = voxel count x source voxel volume, diameter = that
+of the sphere of equal volume, centre = centroid of the component mapped through the Volume affine.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from pydicom.uid import generate_uid
+from scipy import ndimage
+
+from inference.errors import InferenceError
+from inference.findings import Code, Finding
+from inference.model_card import CodeModel, LabelSpec, ModelCard
+from inference.preprocess import ResampleInfo, to_source_grid
+from inference.volume import Volume
+
+_CONNECTIVITY = ndimage.generate_binary_structure(3, 3)  # 26-neighbourhood: diagonal contacts join
+
+
+class PostprocessError(InferenceError):
+    """Network output cannot be turned into findings (wrong shape, unknown task...)."""
+
+    stage = "postprocess"
+
+
+def _code(c: CodeModel | None) -> Code | None:
+    return None if c is None else Code(value=c.value, scheme=c.scheme, meaning=c.meaning)
+
+
+def _map_dtype(max_label: int) -> type[np.integer]:
+    return np.uint8 if max_label <= np.iinfo(np.uint8).max else np.uint16
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """Numerically stable logistic function, float32."""
+    x = np.asarray(x, dtype=np.float32)
+    return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32, copy=False)
+
+
+def softmax(x: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Softmax along `axis` (channels), float32."""
+    e = np.exp(np.asarray(x, dtype=np.float32) - np.max(x, axis=axis, keepdims=True))
+    e /= e.sum(axis=axis, keepdims=True)
+    return e
+
+
+def _finding(volume: Volume, spec: LabelSpec, centre_zyx: np.ndarray, probability: float, count: int,
+             with_diameter: bool) -> Finding:
+    volume_mm3 = float(count) * volume.voxel_volume_mm3
+    z = int(np.clip(round(float(centre_zyx[0])), 0, len(volume.sop_instance_uids) - 1))
+    return Finding(
+        label_index=spec.index,
+        label=spec.name,
+        finding_code=_code(spec.finding),  # type: ignore[arg-type]
+        centre_mm=tuple(float(v) for v in volume.index_to_patient(centre_zyx)),  # type: ignore[arg-type]
+        probability=float(probability),
+        diameter_mm=(6.0 * volume_mm3 / math.pi) ** (1.0 / 3.0) if with_diameter else None,
+        volume_mm3=volume_mm3,
+        site_code=_code(spec.site),
+        referenced_sop_instance_uid=volume.sop_instance_uids[z],
+        tracking_uid=generate_uid(),
+    )
+
+
+def nodules(prob: np.ndarray, volume: Volume, card: ModelCard,
+            info: ResampleInfo | None = None) -> tuple[list[Finding], np.ndarray]:
+    """Sigmoid probabilities [Z, Y, X] (or [1, Z, Y, X]) -> one Finding per connected component.
+
+    With `info` the map is on the model grid and is first interpolated back to the source grid; without
+    it, it must already be on the source grid. Components whose voxels exceed thresholds.probability and
+    pass min_diameter_mm / min_volume_mm3 become findings, sorted by max probability (descending).
+    """
+    prob = prob[0] if prob.ndim == 4 and prob.shape[0] == 1 else prob
+    if info is not None:
+        prob = to_source_grid(prob, info, volume.shape, order=1)
+    if prob.shape != volume.shape:
+        raise PostprocessError(f"probability map {prob.shape} is not on the source grid {volume.shape}")
+    spec = card.labels[0]
+    th = card.thresholds
+    components, n = ndimage.label(prob > th.probability, structure=_CONNECTIVITY)
+    label_map = np.zeros(volume.shape, dtype=_map_dtype(spec.index))
+    if n == 0:
+        return [], label_map
+    ids = np.arange(1, n + 1)
+    counts = np.bincount(components.ravel(), minlength=n + 1)
+    centres = ndimage.center_of_mass(np.ones_like(components, dtype=np.uint8), components, ids)
+    maxima = ndimage.maximum(prob, components, ids)
+    lut = np.zeros(n + 1, dtype=label_map.dtype)
+    found: list[Finding] = []
+    for i, centre, pmax in zip(ids, centres, maxima, strict=True):
+        f = _finding(volume, spec, np.asarray(centre), float(pmax), int(counts[i]), with_diameter=True)
+        if f.diameter_mm < th.min_diameter_mm or f.volume_mm3 < th.min_volume_mm3:  # type: ignore[operator]
+            continue
+        lut[i] = spec.index
+        found.append(f)
+    label_map[...] = lut[components]
+    found.sort(key=lambda f: -f.probability)
+    return found, label_map
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray | None:
+    components, n = ndimage.label(mask, structure=_CONNECTIVITY)
+    if n == 0:
+        return None
+    counts = np.bincount(components.ravel(), minlength=n + 1)
+    counts[0] = 0
+    return components == int(np.argmax(counts))
+
+
+def vertebrae(probs: np.ndarray, volume: Volume, card: ModelCard,
+              info: ResampleInfo | None = None) -> tuple[list[Finding], np.ndarray]:
+    """Softmax probabilities [C, Z, Y, X] (channel 0 background, channel k = LabelSpec.index k).
+
+    Argmax, then the largest connected component per label (on the grid the probabilities are on);
+    its mean softmax probability must reach thresholds.probability. The cleaned label map is mapped back
+    to the source grid (nearest neighbour); centroid and volume are measured there.
+    """
+    if probs.ndim != 4:
+        raise PostprocessError(f"expected softmax probabilities [C, Z, Y, X], got shape {probs.shape}")
+    specs = [s for s in card.labels if s.index < probs.shape[0]]
+    if len(specs) != len(card.labels):
+        raise PostprocessError(f"{probs.shape[0]} channels cannot hold labels up to "
+                               f"{max(s.index for s in card.labels)}")
+    dtype = _map_dtype(max(s.index for s in specs))
+    argmax = probs.argmax(axis=0)
+    cleaned = np.zeros(argmax.shape, dtype=dtype)
+    mean_prob: dict[int, float] = {}
+    for spec in specs:
+        comp = _largest_component(argmax == spec.index)
+        if comp is None:
+            continue
+        p = float(probs[spec.index][comp].mean())
+        if p < card.thresholds.probability:
+            continue
+        cleaned[comp] = spec.index
+        mean_prob[spec.index] = p
+    label_map = to_source_grid(cleaned, info, volume.shape, order=0) if info is not None else cleaned
+    if label_map.shape != volume.shape:
+        raise PostprocessError(f"label map {label_map.shape} is not on the source grid {volume.shape}")
+    kept = sorted(mean_prob)
+    if not kept:
+        return [], label_map
+    counts = np.bincount(label_map.ravel(), minlength=max(kept) + 1)
+    centres = ndimage.center_of_mass(np.ones_like(label_map, dtype=np.uint8), label_map, kept)
+    by_index = {s.index: s for s in specs}
+    found: list[Finding] = []
+    for k, centre in zip(kept, centres, strict=True):
+        count = int(counts[k])
+        if count == 0 or count * volume.voxel_volume_mm3 < card.thresholds.min_volume_mm3:
+            label_map[label_map == k] = 0
+            continue
+        found.append(_finding(volume, by_index[k], np.asarray(centre), mean_prob[k], count, with_diameter=False))
+    return found, label_map
+
+
+def postprocess(logits: np.ndarray, volume: Volume, card: ModelCard,
+                info: ResampleInfo | None = None) -> tuple[list[Finding], np.ndarray]:
+    """Logits [C, Z, Y, X] -> (findings, source-grid label map), by card.output.activation and card.postprocess."""
+    if logits.ndim != 4 or logits.shape[0] != card.output.channels:
+        raise PostprocessError(f"logits shape {logits.shape}; expected [{card.output.channels}, Z, Y, X]")
+    probs = sigmoid(logits) if card.output.activation == "sigmoid" else softmax(logits, axis=0)
+    if card.postprocess == "nodules":
+        return nodules(probs, volume, card, info)
+    if card.postprocess == "vertebrae":
+        return vertebrae(probs, volume, card, info)
+    raise PostprocessError(f"unknown postprocess {card.postprocess!r}")

@@ -1,0 +1,127 @@
+"""Array transforms between the source grid and the model grid (numpy + scipy.ndimage only).
+
+The model grid keeps the source's axes and its voxel [0, 0, 0] centre (no reorientation, see the Model
+contract in CONTRACTS.md) and changes only the spacing to `card.input.spacing_mm`: model voxel i along
+an axis sits at source index i * target / source. `to_source_grid` is the inverse (the `Invertd` step):
+predictions go back to the source grid before findings are measured and encoded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from inference.errors import InferenceError
+from inference.model_card import ModelCard
+from inference.volume import Volume
+
+_SAME_SPACING_RTOL = 1e-3
+
+
+class PreprocessError(InferenceError):
+    """The volume cannot be brought onto the model grid."""
+
+    stage = "preprocess"
+
+
+@dataclass(frozen=True)
+class ResampleInfo:
+    """What `to_source_grid` needs to undo `preprocess`."""
+
+    source_shape: tuple[int, int, int]
+    source_spacing: tuple[float, float, float]   # (z, y, x) mm
+    target_spacing: tuple[float, float, float]   # (z, y, x) mm
+    model_shape: tuple[int, int, int]
+
+    @property
+    def identity(self) -> bool:
+        return self.source_shape == self.model_shape and np.allclose(
+            self.source_spacing, self.target_spacing, rtol=_SAME_SPACING_RTOL
+        )
+
+
+def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target_spacing: Sequence[float]
+                    ) -> tuple[int, int, int]:
+    """Number of target voxels covering the same extent: round(n * spacing / target), at least 1."""
+    return tuple(  # type: ignore[return-value]
+        max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target_spacing, strict=True)
+    )
+
+
+def _grid_map(src: np.ndarray, scale: np.ndarray, out_shape: tuple[int, ...], order: int) -> np.ndarray:
+    """out[i] = src[i * scale] (per axis), interpolated with spline `order`, edges clamped."""
+    if src.dtype == np.bool_:
+        return _grid_map(src.view(np.uint8), scale, out_shape, 0).astype(np.bool_)
+    out = np.empty(out_shape, dtype=np.float32 if order > 0 else src.dtype)
+    ndimage.affine_transform(src, scale, offset=0.0, output_shape=out_shape, output=out,
+                             order=order, mode="nearest", prefilter=order > 1)
+    return out
+
+
+def resample(volume_zyx: np.ndarray, spacing: Sequence[float], target_spacing: Sequence[float],
+             order: int = 1) -> np.ndarray:
+    """Resample a [Z, Y, X] array from `spacing` to `target_spacing` (mm); returns float32.
+
+    Voxel [0, 0, 0] keeps its centre; the output covers the same extent (see `resampled_shape`).
+    """
+    if volume_zyx.ndim != 3:
+        raise PreprocessError(f"expected a [Z, Y, X] array, got shape {volume_zyx.shape}")
+    if any(float(t) <= 0 for t in target_spacing) or any(float(s) <= 0 for s in spacing):
+        raise PreprocessError(f"spacings must be positive: {tuple(spacing)} -> {tuple(target_spacing)}")
+    out_shape = resampled_shape(volume_zyx.shape, spacing, target_spacing)
+    src = volume_zyx.astype(np.float32, copy=False)
+    if out_shape == src.shape and np.allclose(spacing, target_spacing, rtol=_SAME_SPACING_RTOL):
+        return src.copy()
+    scale = np.asarray(target_spacing, dtype=np.float64) / np.asarray(spacing, dtype=np.float64)
+    return _grid_map(src, scale, out_shape, order).astype(np.float32, copy=False)
+
+
+def window(arr: np.ndarray, low: float, high: float, out: np.ndarray | None = None) -> np.ndarray:
+    """Map [low, high] linearly to [0, 1] and clip, as float32 (into `out` if given, e.g. `out=arr`)."""
+    if not high > low:
+        raise PreprocessError(f"window high ({high}) must exceed low ({low})")
+    if out is None:
+        out = np.array(arr, dtype=np.float32)
+    elif out is not arr:
+        out[...] = arr
+    out -= np.float32(low)
+    out *= np.float32(1.0 / (high - low))
+    np.clip(out, 0.0, 1.0, out=out)
+    return out
+
+
+def preprocess(volume: Volume, card: ModelCard) -> tuple[np.ndarray, ResampleInfo]:
+    """Volume -> model input [Z, Y, X] float32 in [0, 1] on the card's grid, plus the inverse mapping."""
+    target = tuple(float(s) for s in card.input.spacing_mm)
+    image = resample(volume.voxels, volume.spacing, target, order=1)   # a new array: windowing in place is safe
+    window(image, *card.input.window, out=image)
+    info = ResampleInfo(
+        source_shape=volume.shape,
+        source_spacing=tuple(float(s) for s in volume.spacing),  # type: ignore[arg-type]
+        target_spacing=target,  # type: ignore[arg-type]
+        model_shape=tuple(int(s) for s in image.shape),  # type: ignore[arg-type]
+    )
+    return image, info
+
+
+def to_source_grid(label_or_prob_map: np.ndarray, info: ResampleInfo,
+                   source_shape: Sequence[int] | None = None, order: int = 0) -> np.ndarray:
+    """Map a model-grid array [Z, Y, X] or [C, Z, Y, X] back onto the source grid.
+
+    order 0 (nearest) keeps label values and dtype; order 1 interpolates probabilities (float32).
+    """
+    shape = tuple(int(s) for s in (source_shape if source_shape is not None else info.source_shape))
+    arr = label_or_prob_map
+    if arr.shape[-3:] != info.model_shape:
+        raise PreprocessError(f"array shape {arr.shape} does not end in the model grid {info.model_shape}")
+    if info.identity and shape == info.model_shape:
+        return arr if order == 0 else arr.astype(np.float32, copy=False)
+    scale = np.asarray(info.source_spacing) / np.asarray(info.target_spacing)
+    if arr.ndim == 3:
+        return _grid_map(arr, scale, shape, order)
+    if arr.ndim == 4:
+        return np.stack([_grid_map(c, scale, shape, order) for c in arr])
+    raise PreprocessError(f"expected [Z, Y, X] or [C, Z, Y, X], got shape {arr.shape}")

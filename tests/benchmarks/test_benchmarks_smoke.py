@@ -1,0 +1,74 @@
+"""Each benchmark runs at --tiny size and writes its JSON, Markdown and PNG (no thresholds: not a test of speed)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from benchmarks.__main__ import main
+
+pytestmark = pytest.mark.integration
+MACHINE_KEYS = {"cpu_model", "cpu_cores", "ram_gib", "gpus", "versions"}
+
+
+def _run(name: str, out: Path, *extra: str) -> dict:
+    assert main([name, "--tiny", "--out", str(out), *extra]) == 0
+    data = json.loads((out / f"{name}.json").read_text())
+    assert {"benchmark", "created", "machine", "settings", "results", "summary"} <= set(data)
+    assert set(data["machine"]) >= MACHINE_KEYS
+    assert {"python", "onnxruntime", "pydicom", "pynetdicom", "dcmtk"} <= set(data["machine"]["versions"])
+    assert (out / f"{name}.md").read_text().startswith("# ")
+    pngs = list(out.glob(f"{name}_*.png"))
+    assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    return data
+
+
+def _need_dcmtk() -> None:
+    from benchmarks.common import dcmtk
+
+    try:
+        dcmtk("storescu"), dcmtk("storescp"), dcmtk("echoscu")
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+
+
+def test_inference_tiny(tmp_path: Path) -> None:
+    data = _run("inference", tmp_path)
+    assert {"volume_shape_zyx", "roi_zyx", "overlap", "batch", "threads"} <= set(data["settings"])
+    rows = {r["backend"]: r for r in data["results"]}
+    assert "latency_s" in rows["ort-cpu"], rows["ort-cpu"]
+    for row in rows.values():
+        if "latency_s" in row:
+            assert {"p50", "p95", "p99"} <= set(row["latency_s"])
+            assert row["max_abs_diff_vs_ort_cpu"] <= 1e-3
+
+
+def test_ingest_tiny(tmp_path: Path) -> None:
+    _need_dcmtk()
+    data = _run("ingest", tmp_path, "--fsync", "off")
+    assert {"TCP_NODELAY_dcmtk", "max_pdu_storescu", "fsync_dxgate", "slices"} <= set(data["settings"])
+    targets = {r["target"] for r in data["results"] if "images_per_s" in r}
+    assert {"storescp", "storescp --fork"} <= targets
+    if not data["summary"]["dxgate_available"]:
+        pytest.skip("dxgate serve could not start: " + next(r["error"] for r in data["results"] if "error" in r))
+    for row in data["results"]:
+        assert row.get("errors") == [] and row["images_per_s"] > 0 and row["ratio_vs_storescp"] is not None
+
+
+def test_e2e_tiny(tmp_path: Path) -> None:
+    _need_dcmtk()
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dicom3tools (dciodvfy) is needed by the gateway's validation stage")
+    data = _run("e2e", tmp_path, "--timeout", "180")
+    if not data["summary"].get("dxgate_available", True):
+        pytest.skip("dxgate serve could not start: " + str(data["summary"].get("error", ""))[:500])
+    assert not data.get("errors"), data.get("errors")
+    assert {"quiet_seconds", "fsync", "senders", "slices"} <= set(data["settings"])
+    group = next(v for v in data["summary"].values() if isinstance(v, dict))
+    assert group["done"] == group["studies"] == 2
+    assert {"p50", "p95", "p99"} <= set(group["latency_s"]) and group["latency_s"]["n"] == 2
+    assert group["peak_rss_mb"] and group["peak_rss_mb"] > 0
+    assert all(r["stage_seconds"].get("infer") is not None for r in data["results"])

@@ -1,0 +1,231 @@
+"""The `dxgate` command line: config, synth, rules test, send, jobs, models (real files, stores and peers)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+import yaml
+
+from dicom_gateway.cli import main
+from dicom_gateway.jobstore import JobStore
+from dicom_gateway.settings import load_settings
+from tests.integration.conftest import start_storescp
+
+REPO = Path(__file__).resolve().parents[1]
+RULES = [
+    {"name": "chest-ct-nodules", "match": {"modality": ["CT"], "body_part": ["CHEST"]}, "models": ["lung_nodule_ct"]},
+    {"name": "spine", "match": {"modality": ["CT"], "body_part": ["SPINE"]}, "models": ["spine_vertebrae_ct"]},
+]
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """`dxgate argv...` in this process: (exit code, stdout, stderr)."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse refuses the command line
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def write_cfg(tmp: Path, **values: object) -> Path:
+    path = tmp / "dxgate.yaml"
+    path.write_text(yaml.safe_dump({"data_dir": str(tmp / "var"), **values}))
+    return path
+
+
+def dicom_files(folder: Path) -> list[pydicom.Dataset]:
+    return [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(folder.rglob("*.dcm"))]
+
+
+# -- config ---------------------------------------------------------------------------------------
+def test_config_example_is_a_valid_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    res = subprocess.run([sys.executable, "-m", "dicom_gateway.cli", "config", "example"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    data = yaml.safe_load(res.stdout)
+    assert data["ae_title"] and data["rules"] and data["destinations"]
+    path = tmp_path / "example.yaml"
+    path.write_text(res.stdout)
+    settings = load_settings(path)
+    assert [r.name for r in settings.rules] == [r["name"] for r in data["rules"]]
+
+    code, out, err = run_cli(capsys, "config", "check", "--config", path)
+    assert code == 0, err
+    assert json.loads(out)["ae_title"] == data["ae_title"]
+
+
+def test_config_check_names_the_bad_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = write_cfg(tmp_path, ae_titel="DXGATE", sender={"max_attempts": 0})
+    code, out, err = run_cli(capsys, "config", "check", "--config", cfg)
+    assert code == 2
+    assert "ae_titel" in err and "unknown key" in err, err
+    assert "sender.max_attempts" in err, err
+    assert out == ""
+
+
+def test_config_check_names_an_unknown_environment_variable(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DXGATE_NO_SUCH_SETTING", "1")
+    code, _, err = run_cli(capsys, "config", "check", "--config", write_cfg(tmp_path))
+    assert code == 2
+    assert "DXGATE_NO_SUCH_SETTING" in err, err
+
+
+def test_config_check_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(capsys, "config", "check", "--config", tmp_path / "nope.yaml")
+    assert code == 2
+    assert "nope.yaml" in err, err
+
+
+# -- synth ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["chest-ct", "spine-ct"])
+def test_synth_writes_a_study_and_annotations(kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_dir = tmp_path / kind
+    args = ["synth", kind, "--out", out_dir, "--slices", "8", "--rows", "64", "--seed", "3"]
+    if kind == "chest-ct":
+        args += ["--nodules", "1"]
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0, err
+    datasets = dicom_files(out_dir)
+    assert len(datasets) == 8
+    assert len({str(ds.SOPInstanceUID) for ds in datasets}) == 8
+    assert len({str(ds.StudyInstanceUID) for ds in datasets}) == 1
+    assert {ds.Modality for ds in datasets} == {"CT"}
+    assert {(ds.Rows, ds.Columns) for ds in datasets} == {(64, 64)}
+    annotations = re.search(r"annotations: (.+)$", out, re.MULTILINE)
+    assert annotations, out
+    path = Path(annotations.group(1).strip())
+    assert path.is_file() and path.is_relative_to(out_dir)
+    if kind == "chest-ct":
+        assert path.name == "annotations.csv"
+        rows = [r for r in path.read_text().splitlines() if r.strip()]
+        assert len(rows) == 2, rows  # header + one nodule
+    else:
+        assert json.loads(path.read_text()), path  # vertebra centroids (VerSe-style JSON)
+
+
+# -- rules test -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def chest20(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 20-slice 64x64 synthetic chest CT (enough slices for the lung model's series preference)."""
+    from training.synthetic import write_chest_ct_study
+
+    study = write_chest_ct_study(tmp_path_factory.mktemp("chest20"), seed=4, slices=20, nodules=1, rows=64)
+    return study.files[0].parent
+
+
+def test_rules_test_shows_rule_and_model(tmp_path: Path, chest20: Path, smoke_models_dir: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = write_cfg(tmp_path, models_dir=str(smoke_models_dir), rules=RULES,
+                    destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 4242}])
+    code, out, err = run_cli(capsys, "rules", "test", chest20, "--config", cfg)
+    assert code == 0, out + err
+    assert "chest-ct-nodules" in out and "lung_nodule_ct" in out, out
+    assert re.search(r"lung_nodule_ct .*reads series .*-> pacs", out), out
+
+    mr = tmp_path / "mr"
+    mr.mkdir()
+    for p in sorted(chest20.glob("*.dcm")):
+        ds = pydicom.dcmread(p)
+        ds.Modality = "MR"
+        ds.save_as(mr / p.name, enforce_file_format=True)
+    code, out, err = run_cli(capsys, "rules", "test", mr, "--config", cfg)
+    assert code == 1, out + err
+    assert "nothing routes" in out and "modality MR" in out, out
+
+
+# -- send -----------------------------------------------------------------------------------------
+@pytest.mark.integration
+def test_send_delivers_every_file(tmp_path: Path, chest20: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    scp = start_storescp(tmp_path / "dest", "DEST")
+    try:
+        code, out, err = run_cli(capsys, "send", chest20, "--port", scp.port, "--aec", "DEST")
+    finally:
+        scp.stop()
+    assert code == 0, out + err
+    sent = {str(ds.SOPInstanceUID) for ds in dicom_files(chest20)}
+    received = [str(ds.SOPInstanceUID) for ds in scp.datasets()]
+    assert sorted(received) == sorted(sent)
+    assert "sent 20" in out, out
+
+
+def test_send_to_nobody_fails(tmp_path: Path, chest20: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.conftest import free_port
+
+    code, out, err = run_cli(capsys, "send", chest20, "--port", free_port(), "--aec", "DEST")
+    assert code != 0, out
+
+
+# -- jobs and models ------------------------------------------------------------------------------
+@pytest.fixture
+def populated(tmp_path: Path) -> tuple[Path, int, int]:
+    """A config whose job store holds one QUEUED and one FAILED job: (config, queued id, failed id)."""
+    cfg = write_cfg(tmp_path)
+    store = JobStore(load_settings(cfg).db_path, durable=False)
+    study = "1.2.826.0.1.3680043.10.99"
+    sops = [f"{study}.2.{i}" for i in range(1, 4)]
+    failed, _ = store.create_job(study_uid=study, model="lung_nodule_ct", model_version="1.0.0",
+                                 series_uid=f"{study}.2", input_uids=sops, destinations=["pacs"], rule="chest")
+    assert store.claim_job("w1", lease_s=60) is not None
+    store.fail(failed, "infer", "BackendError: out of memory")
+    queued, _ = store.create_job(study_uid=study, model="spine_vertebrae_ct", model_version="1.0.0",
+                                 series_uid=f"{study}.2", input_uids=sops, destinations=["pacs"], rule="spine")
+    store.close()
+    return cfg, queued, failed
+
+
+def test_jobs_list_show_replay(populated: tuple[Path, int, int], capsys: pytest.CaptureFixture[str]) -> None:
+    cfg, queued, failed = populated
+    code, out, err = run_cli(capsys, "jobs", "--config", cfg, "list")
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 2
+    assert lines[0].split()[:2] == [str(queued), "QUEUED"] and lines[1].split()[:2] == [str(failed), "FAILED"]
+    assert "infer" in lines[1] and "out of memory" in lines[1]
+
+    code, out, _ = run_cli(capsys, "jobs", "--config", cfg, "list", "--state", "FAILED")
+    assert code == 0 and [ln.split()[0] for ln in out.strip().splitlines()] == [str(failed)]
+
+    code, out, err = run_cli(capsys, "jobs", "--config", cfg, "show", str(failed))
+    assert code == 0, err
+    job = json.loads(out)
+    assert job["id"] == failed and job["state"] == "FAILED" and job["failed_stage"] == "infer"
+    assert [e["to_state"] for e in job["events"]] == ["QUEUED", "RUNNING", "FAILED"]
+
+    code, _, err = run_cli(capsys, "jobs", "--config", cfg, "show", "999")
+    assert code == 1 and "999" in err
+
+    code, out, err = run_cli(capsys, "jobs", "--config", cfg, "replay", str(failed))
+    assert code == 0, err
+    assert "QUEUED" in out  # no outputs yet: replay runs the job again
+    code, _, err = run_cli(capsys, "jobs", "--config", cfg, "replay", str(queued))
+    assert code == 2 and "QUEUED" in err, err  # only FAILED or DONE jobs can be replayed
+
+
+def test_jobs_without_a_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(capsys, "jobs", "--config", write_cfg(tmp_path), "list")
+    assert code == 2 and "no job store" in err, err
+
+
+def test_models_lists_the_registered_model(tmp_path: Path, smoke_models_dir: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(capsys, "models", "--config", write_cfg(tmp_path, models_dir=str(smoke_models_dir)))
+    assert code == 0, err
+    assert out.startswith("lung_nodule_ct"), out
+
+
+def test_jobs_accepts_config_after_the_action(populated: tuple[Path, int, int],
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """`dxgate jobs replay ID --config cfg` (as the docs write it) works like `dxgate jobs --config cfg ...`."""
+    cfg, _, failed = populated
+    code, out, err = run_cli(capsys, "jobs", "list", "--config", cfg)
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "jobs", "show", str(failed), "--config", cfg)
+    assert code == 0 and json.loads(out)["id"] == failed, err

@@ -1,0 +1,113 @@
+"""Training workflow on tiny phantoms: the loss falls, resume continues, transforms match the contract."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from training.datasets import generate_dataset, phantom_case
+from training.train import DataConfig, TrainConfig, train
+from training.transforms import spine_label_to_channel, val_transforms, window_hu
+
+
+def _cfg(tmp_path: Path, task: str = "lung-nodule", steps: int = 20, **kw) -> TrainConfig:
+    base = dict(
+        task=task, name="t", spacing_mm=(3.0, 3.0, 3.0), roi_size=(16, 32, 32), channels=(4, 8, 16),
+        window=(-1000.0, 400.0), steps=steps, batch_size=1, num_samples=2, lr=5e-3, val_every=steps, seed=0,
+        run_dir=tmp_path / "run", data=DataConfig(dir=tmp_path / "data", n_train=2, n_val=1, n_test=0,
+                                                  phantom=True),
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_few_steps_lower_the_loss(tmp_path: Path) -> None:
+    result = train(_cfg(tmp_path, task="spine-vertebrae", steps=30, window=(-500.0, 1300.0)), progress=False)
+    losses = [h["loss"] for h in result.history]
+    assert len(losses) == 30
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    assert (result.run_dir / "best.pt").is_file()
+    rows = list(csv.DictReader((result.run_dir / "log.csv").open()))
+    assert [int(r["step"]) for r in rows] == list(range(1, 31))
+    assert rows[-1]["val_dice"] != ""
+
+
+def test_resume_continues_from_checkpoint(tmp_path: Path) -> None:
+    first = train(_cfg(tmp_path, steps=4, val_every=2), progress=False)
+    assert first.step == 4 and (tmp_path / "run" / "last.pt").is_file()
+    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert saved["step"] == 4
+    second = train(_cfg(tmp_path, steps=6, val_every=2), progress=False)
+    assert second.step == 6
+    assert [h["step"] for h in second.history] == [1, 2, 3, 4, 5, 6]
+    assert [h["loss"] for h in second.history[:4]] == [h["loss"] for h in first.history]
+    rows = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+
+
+def test_transforms_resample_and_window_like_the_model_contract(tmp_path: Path) -> None:
+    entries = generate_dataset("lung-nodule", tmp_path, "test", 1, seed=3, phantom=True, progress=False)
+    case = phantom_case("lung-nodule", 3)
+    out = val_transforms("lung-nodule", (5.0, 4.0, 4.0), (-1000.0, 400.0))(entries[0])
+    image = out["image"].numpy()
+    z, y, x = case.hu.shape
+    assert image.shape[0] == 1 and image.dtype == np.float32
+    # (Z, Y, X) axis order kept; each axis resampled from its own spacing (2.5, 2, 2) mm
+    assert abs(image.shape[1] - z * 2.5 / 5) <= 1 and abs(image.shape[2] - y * 2 / 4) <= 1
+    assert abs(image.shape[3] - x * 2 / 4) <= 1
+    # voxel 0 is not moved, so the windowed value there equals the numpy reference
+    assert image[0, 0, 0, 0] == pytest.approx(window_hu(case.hu[:1, :1, :1], (-1000, 400))[0, 0, 0], abs=1e-5)
+    assert image.min() >= 0.0 and image.max() <= 1.0
+    assert set(np.unique(out["label"].numpy())) <= {0.0, 1.0}
+
+
+def test_spine_labels_map_to_channels() -> None:
+    label = np.array([0, 1, 7, 8, 19, 20, 24, 26, 25], dtype=np.uint8)
+    assert spine_label_to_channel(label).tolist() == [0, 1, 7, 8, 19, 20, 24, 25, 0]
+
+
+@pytest.mark.parametrize("spacing", [(3.0, 3.0, 3.0), (5.0, 1.7, 1.3)])
+def test_training_transforms_equal_the_gateway_preprocess(tmp_path: Path, spacing: tuple) -> None:
+    """MONAI Spacingd + ScaleIntensityRanged give the input inference.preprocess gives (same grid)."""
+    from inference.model_card import ModelCard
+    from inference.preprocess import preprocess
+    from training.cli import _volume
+    from training.register import card_fields_for
+
+    entry = generate_dataset("lung-nodule", tmp_path, "test", 1, seed=3, phantom=True, progress=False)[0]
+    fields = card_fields_for("lung-nodule")
+    fields["input"] = {**fields["input"], "spacing_mm": spacing}
+    card = ModelCard.model_validate({**fields, "version": "1", "weights_sha256": "0" * 64})
+    served, _ = preprocess(_volume(entry), card)
+    trained = val_transforms("lung-nodule", spacing, card.input.window)(entry)["image"][0].numpy()
+    common = tuple(slice(0, min(a, b)) for a, b in zip(served.shape, trained.shape, strict=True))
+    assert all(abs(a - b) <= 1 for a, b in zip(served.shape, trained.shape, strict=True))  # edge rounding only
+    np.testing.assert_allclose(trained[common], served[common], atol=1e-5)
+
+
+@pytest.mark.parametrize("task", ["lung-nodule", "spine-vertebrae"])
+def test_train_command_trains_evaluates_and_registers(tmp_path: Path, task: str) -> None:
+    import yaml
+
+    from inference.model_repo import load_model
+    from training.cli import train_command
+
+    name = "lung_nodule_ct" if task == "lung-nodule" else "spine_vertebrae_ct"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "task": task, "name": name, "spacing_mm": [3.0, 3.0, 3.0], "window": [-1000.0, 400.0],
+        "roi_size": [16, 32, 32], "channels": [4, 8, 16], "steps": 3, "val_every": 3, "benchmark": False,
+        "run_dir": str(tmp_path / "run"), "register_to": str(tmp_path / "models"),
+        "data": {"dir": str(tmp_path / "data"), "n_train": 1, "n_val": 1, "n_test": 2, "phantom": True},
+    }))
+    assert train_command(task, config) == 0
+    card = load_model(tmp_path / "models" / name).card
+    assert card.training["command"] == f"dxgate train {task} --config {config}"
+    assert card.metrics["heldout_cases"] == 2
+    key = "sensitivity_at_1fp_per_scan" if task == "lung-nodule" else "id_rate"
+    assert key in card.metrics
+    assert train_command("spine-vertebrae" if task == "lung-nodule" else "lung-nodule", config) == 2

@@ -1,0 +1,180 @@
+"""`dxgate train <task> --config <yaml>`: generate data, train, evaluate held-out, export, register.
+
+The held-out evaluation post-processes like the gateway (CONTRACTS.md "Model contract"): nodules are
+connected components of the sigmoid map (centre, equivalent-sphere diameter, max probability) scored
+with LUNA16 FROC rules (`training.metrics.froc`); vertebrae are the largest component of each argmax
+label, scored with the VerSe identification rate (`training.metrics.vertebrae`). Evaluation runs the
+gateway's own `inference.preprocess`, `inference.sliding_window` and `inference.postprocess`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import ValidationError
+
+from training.export import export_onnx
+from training.register import card_fields_for, register_model
+from training.train import TrainConfig, data_split, load_config, train
+from training.transforms import SPINE_VERSE_VALUES
+
+TASK_ALIASES = {"lung-nodule": "lung-nodule", "lung_nodule_ct": "lung-nodule", "lung-nodule-detection": "lung-nodule",
+                "spine-vertebrae": "spine-vertebrae", "spine_vertebrae_ct": "spine-vertebrae",
+                "vertebra-labelling": "spine-vertebrae"}
+
+
+class _TorchBackend:
+    """The gateway's Backend protocol over the in-memory network (ONNX parity is checked separately)."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        self.net = net.eval()
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            return {"logits": self.net(torch.from_numpy(np.ascontiguousarray(inputs["image"]))).numpy()}
+
+    def close(self) -> None:
+        return None
+
+
+def _volume(entry: dict[str, Any]) -> Any:
+    """The held-out case as the gateway's `inference.volume.Volume` (axial, identity direction)."""
+    import nibabel as nib
+
+    from inference.volume import Volume
+
+    hu = np.asarray(nib.load(entry["image"]).dataobj, dtype=np.float32)
+    return Volume(voxels=hu, spacing=tuple(entry["spacing"]), origin=np.asarray(entry["origin"], dtype=float),
+                  direction=np.eye(3), sop_instance_uids=[f"2.25.{i + 1}" for i in range(hu.shape[0])],
+                  modality="CT", frame_of_reference_uid="2.25.1")
+
+
+def evaluate(net: torch.nn.Module, card_fields: dict[str, Any], entries: list[dict[str, Any]],
+             test_seed: int) -> dict[str, Any]:
+    """Held-out figures through the gateway's own preprocess / sliding window / postprocess."""
+    from inference.model_card import ModelCard
+    from inference.postprocess import postprocess
+    from inference.preprocess import preprocess
+    from inference.sliding_window import sliding_window_infer
+    from training.metrics.froc import froc_cpm
+    from training.metrics.vertebrae import aggregate_id_rates, identification_rate
+
+    card = ModelCard.model_validate({**card_fields, "version": "eval", "weights_sha256": "0" * 64})
+    low = card.model_copy(update={"thresholds": card.thresholds.model_copy(update={"probability": 0.05})})
+    backend = _TorchBackend(net)
+    curve_preds, op_preds, truths, results = [], [], [], []
+    for entry in entries:
+        volume = _volume(entry)
+        image, info = preprocess(volume, card)
+        logits = sliding_window_infer(image, backend, "image", "logits", card.input.roi_size, card.input.overlap,
+                                      1, card.output.channels)
+        if card.postprocess == "nodules":
+            truths.append([(n["centre_mm"], n["diameter_mm"]) for n in entry["nodules"]])
+            for target, use in ((curve_preds, low), (op_preds, card)):
+                found, _ = postprocess(logits, volume, use, info)
+                target.append([(f.centre_mm, f.probability) for f in found])
+        else:
+            found, _ = postprocess(logits, volume, card, info)
+            verse = dict(zip(range(1, 26), SPINE_VERSE_VALUES, strict=True))
+            results.append(identification_rate([(verse[f.label_index], f.centre_mm) for f in found],
+                                               [(v["index"], v["centroid_mm"]) for v in entry["vertebrae"]]))
+    common = {"heldout_cases": len(entries), "heldout_seeds": [test_seed, test_seed + len(entries) - 1],
+              "heldout_rows": int(np.asarray(entries[0]["shape"])[1]) if entries else None}
+    if card.postprocess == "nodules":
+        froc, at = froc_cpm(curve_preds, truths), froc_cpm(op_preds, truths)
+        return {**common, "n_nodules": froc.n_nodules,
+                "sensitivity_at_1fp_per_scan": froc.sensitivity_at(1.0), "cpm": froc.cpm,
+                "sensitivity_at_fp": dict(zip([f"{f:g}" for f in froc.operating_points], froc.sensitivities,
+                                              strict=True)),
+                "operating_point": {"probability": card.thresholds.probability,
+                                    "sensitivity": at.n_true_positives / max(at.n_nodules, 1),
+                                    "fp_per_scan": at.n_false_positives / max(len(entries), 1)},
+                "method": "inference.preprocess + sliding_window + postprocess (as served); LUNA16 FROC "
+                          "(training.metrics.froc.froc_cpm); curve from components at p > 0.05"}
+    summary = aggregate_id_rates(results)
+    summary.pop("per_label", None)
+    return {**common, **summary,
+            "method": "inference.preprocess + sliding_window + postprocess (as served); VerSe id.rate, "
+                      "20 mm (training.metrics.vertebrae)"}
+
+
+def onnx_cpu_seconds(onnx_path: Path, shape: Sequence[int], roi: Sequence[int], overlap: float,
+                     threads: int = 2) -> float:
+    """Wall seconds of a sliding-window ONNX Runtime pass over a zero volume of `shape` (z, y, x)."""
+    import onnxruntime as ort
+    from monai.inferers import sliding_window_inference
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
+
+    volume = torch.zeros((1, 1, *shape), dtype=torch.float32)
+    start = time.perf_counter()
+    sliding_window_inference(volume, tuple(roi), 1, run, overlap=overlap, mode="gaussian")
+    return time.perf_counter() - start
+
+
+def _cpu_benchmark(net: torch.nn.Module, cfg: TrainConfig) -> dict[str, Any]:
+    """Time the exported model on the chest CT the brief names (300 x 512 x 512, 1.25 x 0.7 x 0.7 mm)."""
+    source = (300, 512, 512), (1.25, 0.7, 0.7)
+    shape = [int(round(n * s / t)) for n, s, t in zip(*source, cfg.spacing_mm, strict=True)]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        export_onnx(net, torch.zeros((1, 1, *cfg.roi_size)), path)
+        seconds = onnx_cpu_seconds(path, shape, cfg.roi_size, cfg.overlap)
+    return {"onnxruntime_cpu_seconds": round(seconds, 2), "threads": 2, "resampled_shape": shape,
+            "source": "300 x 512 x 512 at 1.25 x 0.7 x 0.7 mm, sliding window, excluding preprocessing"}
+
+
+def train_command(task: str, config: Path) -> int:
+    """Run one training task end to end; returns a process exit status (0 = model registered)."""
+    try:
+        cfg = load_config(config)
+    except (OSError, ValidationError, ValueError) as exc:
+        print(f"dxgate train: cannot read {config}: {exc}", file=sys.stderr)
+        return 2
+    if TASK_ALIASES.get(task) != cfg.task:
+        print(f"dxgate train: task {task!r} does not match the config's task {cfg.task!r}", file=sys.stderr)
+        return 2
+    result = train(cfg)
+    fields = card_fields_for(cfg.task, name=cfg.name)
+    fields.update(
+        input={"name": "image", "spacing_mm": cfg.spacing_mm, "window": cfg.window, "roi_size": cfg.roi_size,
+               "overlap": cfg.overlap, "batch_size": 1},
+        thresholds={**fields["thresholds"], "probability": cfg.probability},
+    )
+    test = data_split(cfg, "test") if cfg.data.n_test else []
+    metrics = evaluate(result.net, fields, test, cfg.data.test_seed) if test else {}
+    if cfg.benchmark:
+        metrics["timing"] = _cpu_benchmark(result.net, cfg)
+    metrics["validation_dice"] = result.best_metric
+    fields.update(
+        training={
+            "data": "synthetic", "generator": "training.synthetic",
+            "train_seeds": [cfg.data.seed, cfg.data.seed + cfg.data.n_train - 1],
+            "validation_seeds": [cfg.data.val_seed, cfg.data.val_seed + cfg.data.n_val - 1],
+            "rows": cfg.data.rows, "seed": cfg.seed, "steps": result.step, "network": {
+                "type": "monai.networks.nets.UNet", "channels": list(cfg.channels),
+                "num_res_units": cfg.num_res_units},
+            "command": f"dxgate train {task} --config {config}", "seconds": round(result.seconds),
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
+        },
+        metrics=metrics,
+    )
+    if cfg.register_to is None:
+        print(json.dumps(metrics, indent=1))
+        return 0
+    folder = register_model(result.net, fields, cfg.register_to)
+    print(f"registered {folder}\n{json.dumps(metrics, indent=1)}")
+    return 0

@@ -1,0 +1,161 @@
+"""Synthetic studies -> NIfTI volumes + a MONAI datalist JSON (datasets/<name>/generated/, gitignored).
+
+Each case is written as `<case>_image.nii` (int16 HU) and `<case>_label.nii` (uint8) with the array in
+the source axis order [Z, Y, X] and a diagonal affine diag(sz, sy, sx), so MONAI's `Spacingd` sees the
+(z, y, x) spacing the inference side resamples from. Ground truth (nodule centres and diameters, vertebra
+centroids, all in mm as given by `training.synthetic`) is kept in the datalist entry for evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+DATALIST = "datalist.json"
+
+
+@dataclass
+class Case:
+    """The part of `training.synthetic.SyntheticVolume` the pipeline uses (also made by `phantom_case`)."""
+
+    hu: np.ndarray                      # int16 [Z, Y, X]
+    label_map: np.ndarray               # uint8 [Z, Y, X]
+    spacing: tuple[float, float, float]  # (z, y, x) mm
+    origin: tuple[float, ...]
+    truth: dict[str, Any] = field(default_factory=dict)
+
+
+def _synthetic_case(task: str, seed: int, rows: int, slices: int | None, spacing: Sequence[float] | None) -> Case:
+    import importlib
+
+    # imported lazily (another engineer's package); the submodules work before its __init__ re-exports them
+    module = importlib.import_module("training.synthetic." + ("chest_ct" if task == "lung-nodule" else "spine_ct"))
+    kwargs: dict[str, Any] = {"slices": slices, "rows": rows, "spacing": tuple(spacing) if spacing else None}
+    if task == "lung-nodule":
+        vol = module.generate_chest_ct(seed, **kwargs)
+        truth = {"nodules": [
+            {"centre_mm": [float(c) for c in n.centre_mm], "diameter_mm": float(n.diameter_mm),
+             "kind": str(getattr(n, "kind", "")), "juxtapleural": bool(getattr(n, "juxtapleural", False))}
+            for n in vol.nodules
+        ]}
+    else:
+        vol = module.generate_spine_ct(seed, **kwargs)
+        truth = {"vertebrae": [
+            {"label": str(v.label), "index": int(v.index), "centroid_mm": [float(c) for c in v.centroid_mm]}
+            for v in vol.vertebrae
+        ]}
+    return Case(
+        hu=np.asarray(vol.hu, dtype=np.int16), label_map=np.asarray(vol.label_map, dtype=np.uint8),
+        spacing=tuple(float(s) for s in vol.spacing), origin=tuple(float(o) for o in vol.origin), truth=truth,
+    )
+
+
+def phantom_case(task: str, seed: int, shape: Sequence[int] = (24, 48, 48),
+                 spacing: Sequence[float] = (2.5, 2.0, 2.0)) -> Case:
+    """A tiny phantom (body ellipse, lungs, spheres / stacked blocks) for unit tests and the smoke model.
+
+    Used only where `training.synthetic` is not wanted (fast tests); never for shipped models.
+    """
+    rng = np.random.default_rng(seed)
+    z, y, x = (np.arange(n, dtype=np.float32) for n in shape)
+    zz, yy, xx = np.meshgrid(z, y, x, indexing="ij")
+    cy, cx = shape[1] / 2, shape[2] / 2
+    hu = np.full(shape, -1000.0, dtype=np.float32)
+    body = ((yy - cy) / (0.45 * shape[1])) ** 2 + ((xx - cx) / (0.48 * shape[2])) ** 2 <= 1
+    hu[body] = 40.0
+    label = np.zeros(shape, dtype=np.uint8)
+    truth: dict[str, Any] = {}
+    if task == "lung-nodule":
+        for side in (-1, 1):
+            lung = ((yy - cy) / (0.3 * shape[1])) ** 2 + ((xx - cx - side * 0.22 * shape[2]) / (0.17 * shape[2])) ** 2
+            hu[lung <= 1] = -850.0
+        nodules = []
+        for _ in range(2):
+            c = (rng.uniform(0.3, 0.7) * shape[0], rng.uniform(0.35, 0.65) * shape[1],
+                 cx + rng.choice([-1, 1]) * 0.22 * shape[2])
+            r = rng.uniform(2.0, 3.5)
+            ball = (zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 <= r**2
+            hu[ball] = 20.0
+            label[ball] = 1
+            nodules.append({"centre_mm": [c[2] * spacing[2], c[1] * spacing[1], c[0] * spacing[0]],
+                            "diameter_mm": 2 * r * spacing[1], "kind": "solid", "juxtapleural": False})
+        truth["nodules"] = nodules
+    else:
+        first = int(rng.integers(1, 20))
+        height = max(2, shape[0] // 6)
+        vertebrae = []
+        for k in range(shape[0] // height):
+            value = first + k if first + k <= 24 else 26
+            block = (zz >= k * height) & (zz < (k + 1) * height - 1) & ((yy - cy - 6) ** 2 + (xx - cx) ** 2 <= 16)
+            hu[block] = 300.0 + 10 * k
+            label[block] = value
+            vertebrae.append({"label": str(value), "index": value,
+                              "centroid_mm": [cx * spacing[2], (cy + 6) * spacing[1], (k + 0.5) * height * spacing[0]]})
+        truth["vertebrae"] = vertebrae
+    hu += rng.normal(0, 15, size=shape).astype(np.float32)
+    return Case(hu=np.clip(hu, -1024, 3000).astype(np.int16), label_map=label,
+                spacing=tuple(float(s) for s in spacing), origin=(0.0, 0.0, 0.0), truth=truth)
+
+
+def write_nifti(path: Path, array: np.ndarray, spacing: Sequence[float]) -> None:
+    """Write [Z, Y, X] with affine diag(sz, sy, sx) (axes are kept; see module docstring)."""
+    affine = np.diag([float(spacing[0]), float(spacing[1]), float(spacing[2]), 1.0])
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(array), affine), str(path))
+
+
+def write_case(out_dir: Path, name: str, case: Case, seed: int) -> dict[str, Any]:
+    """Write one case and return its datalist entry (paths relative to out_dir)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_nifti(out_dir / f"{name}_image.nii", case.hu, case.spacing)
+    write_nifti(out_dir / f"{name}_label.nii", case.label_map, case.spacing)
+    return {"image": f"{name}_image.nii", "label": f"{name}_label.nii", "seed": seed,
+            "spacing": list(case.spacing), "origin": list(case.origin), "shape": list(case.hu.shape), **case.truth}
+
+
+def generate_dataset(
+    task: str, out_dir: Path, section: str, n: int, seed: int, rows: int = 512,
+    slices: int | None = None, spacing: Sequence[float] | None = None, phantom: bool = False,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Generate `n` cases with seeds seed..seed+n-1 into `out_dir` as datalist section `section`.
+
+    Reuses the section when datalist.json already records the same parameters (the data are
+    deterministic in the seed). Returns the entries with absolute paths.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / DATALIST
+    datalist: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    params = {"task": task, "n": n, "seed": seed, "rows": rows, "slices": slices,
+              "spacing": list(spacing) if spacing else None, "phantom": phantom}
+    meta = datalist.setdefault("generation", {})
+    reuse = meta.get(section) == params and all(
+        (out_dir / e["image"]).is_file() and (out_dir / e["label"]).is_file() for e in datalist.get(section, [])
+    )
+    if not reuse:
+        entries = []
+        seeds = range(seed, seed + n)
+        if progress:
+            from tqdm import tqdm
+
+            seeds = tqdm(seeds, desc=f"generate {section}", unit="case")
+        for s in seeds:
+            case = phantom_case(task, s) if phantom else _synthetic_case(task, s, rows, slices, spacing)
+            entries.append(write_case(out_dir, f"{section}_{s:06d}", case, s))
+        datalist[section] = entries
+        meta[section] = params
+        datalist["generator"] = "training.datasets.phantom_case" if phantom else "training.synthetic"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(datalist, indent=1))
+        tmp.replace(path)
+    return [resolve(e, out_dir) for e in datalist[section]]
+
+
+def resolve(entry: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Datalist entry with image/label made absolute against `base`."""
+    return {**entry, "image": str(base / entry["image"]), "label": str(base / entry["label"])}
