@@ -170,9 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     jl = jsub.add_parser("list")
     jl.add_argument("--state", default=None)
     jl.add_argument("--limit", type=int, default=50)
+    actions = [jl]
     for action in ("show", "replay"):
         ja = jsub.add_parser(action)
         ja.add_argument("id", type=int)
+        actions.append(ja)
+    for ja in actions:  # `dxgate jobs replay 7 --config F` as well as `dxgate jobs --config F replay 7`
+        ja.add_argument("--config", type=Path, default=argparse.SUPPRESS)
     sp.set_defaults(func=cmd_jobs)
 
     with_config(sub.add_parser("models", help="list installed models")).set_defaults(func=cmd_models)

@@ -332,6 +332,9 @@ class JobStore:
             for dest in destinations:
                 db.execute("INSERT OR REPLACE INTO deliveries(job_id, destination, state, attempts,"
                            " next_attempt_at) VALUES (?,?,?,0,?)", (job_id, dest, DeliveryState.PENDING, now))
+            if not destinations:  # nothing to send: the results stay in the outbox
+                self._transition(db, job_id, JobState.SENDING, detail="no destinations configured")
+                self._transition(db, job_id, JobState.DONE, detail="results kept in the outbox")
 
     def get_job(self, job_id: int) -> sqlite3.Row | None:
         rows = self.query("SELECT * FROM jobs WHERE id=?", (job_id,))

@@ -62,9 +62,8 @@ def route_study(rules: Sequence[Rule], models: Mapping[str, RegisteredModel], se
             reasons.append(_why_no_series_matched(rule, series))
             continue
         destinations = list(dict.fromkeys(rule.destinations or all_destinations))
-        if not destinations:
-            reasons.append(f"rule {rule.name}: no destinations configured")
-            continue
+        if not destinations:  # still run the model: results stay in the outbox, visible in the API
+            reasons.append(f"rule {rule.name}: no destinations configured; results kept in the outbox")
         for name in rule.models:
             model = models.get(name)
             if model is None:

@@ -90,6 +90,17 @@ class BackendSettings(_Strict):
     intra_op_threads: int = Field(default=0, ge=0)  # 0 = ORT default (all cores)
 
 
+def default_rules() -> list[Rule]:
+    """The bundled models' routing, used when the configuration names no rules (`make run`)."""
+    return [
+        Rule(name="chest-ct-nodules", models=["lung_nodule_ct"],
+             match=RuleMatch(modality=["CT"], body_part=["CHEST", "LUNG", "THORAX"], orientation=["axial"],
+                             slice_thickness=Range(max=3.0))),
+        Rule(name="spine-vertebrae", models=["spine_vertebrae_ct"],
+             match=RuleMatch(modality=["CT"], body_part=["SPINE", "CSPINE", "TSPINE", "LSPINE"])),
+    ]
+
+
 class Settings(BaseSettings):
     """Every setting of one dxgate process. Created once, passed in; never mutated."""
 
@@ -105,7 +116,7 @@ class Settings(BaseSettings):
     models_dir: Path = Path("./models")
     allowed_calling_aes: list[str] = Field(default_factory=list)
     destinations: list[Destination] = Field(default_factory=list)
-    rules: list[Rule] = Field(default_factory=list)
+    rules: list[Rule] = Field(default_factory=default_rules)
     quiet_seconds: float = Field(default=2.0, ge=0)
     quiet_seconds_by_ae: dict[str, float] = Field(default_factory=dict)
     fsync: bool = True

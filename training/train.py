@@ -17,11 +17,11 @@ import torch
 import yaml
 from monai.data import CacheDataset, DataLoader
 from monai.inferers import sliding_window_inference
-from monai.losses import DiceCELoss, DiceFocalLoss
+from monai.losses import DiceFocalLoss, DiceLoss
 from monai.metrics import DiceMetric
 from monai.transforms import Compose
 from monai.utils import set_determinism
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from training.datasets import generate_dataset
 from training.networks import build_network
@@ -75,6 +75,13 @@ class TrainConfig(_Cfg):
     probability: float = 0.5
     benchmark: bool = True                    # time the exported model on a 300 x 512 x 512 chest CT grid
 
+    @model_validator(mode="after")
+    def _roi_fits_the_network(self) -> TrainConfig:
+        factor = 2 ** (len(self.channels) - 1)
+        if any(r % factor for r in self.roi_size):
+            raise ValueError(f"roi_size {self.roi_size} must be divisible by {factor} ({len(self.channels)} levels)")
+        return self
+
     @property
     def out_channels(self) -> int:
         return 1 if self.task == "lung-nodule" else 1 + len(SPINE_LEVELS)
@@ -101,13 +108,30 @@ def make_network(cfg: TrainConfig) -> torch.nn.Module:
     return build_network(cfg.out_channels, channels=cfg.channels, num_res_units=cfg.num_res_units)
 
 
+class _DiceWeightedCE(torch.nn.Module):
+    """Batch Dice over the foreground levels plus cross-entropy with a down-weighted background.
+
+    With 25 levels and a handful in any patch, plain Dice+CE lets the network settle on "all background"
+    for hundreds of steps; weighting the background class of the CE term breaks that quickly.
+    """
+
+    def __init__(self, channels: int, background_weight: float = 0.1) -> None:
+        super().__init__()
+        self.dice = DiceLoss(to_onehot_y=True, softmax=True, include_background=False, batch=True,
+                             smooth_nr=1e-5, smooth_dr=1e-5)
+        weight = torch.ones(channels)
+        weight[0] = background_weight
+        self.ce = torch.nn.CrossEntropyLoss(weight=weight)
+
+    def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        self.ce.weight = self.ce.weight.to(logits.device)
+        return self.dice(logits, label) + self.ce(logits, label[:, 0].long())
+
+
 def make_loss(cfg: TrainConfig) -> torch.nn.Module:
     if cfg.task == "lung-nodule":
         return DiceFocalLoss(sigmoid=True, gamma=2.0, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
-    # batch Dice over the foreground levels (nnU-Net style): a level absent from one patch does not
-    # dominate the loss the way per-sample Dice over 26 channels does
-    return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True,
-                      smooth_nr=1e-5, smooth_dr=1e-5)
+    return _DiceWeightedCE(cfg.out_channels)
 
 
 def data_split(cfg: TrainConfig, section: str, progress: bool = True) -> list[dict[str, Any]]:
@@ -155,9 +179,14 @@ def validate(net: torch.nn.Module, volumes: list[dict[str, torch.Tensor]], cfg: 
 class _Log:
     """CSV (always) and TensorBoard (when installed) scalars."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, resume_step: int) -> None:
         self.path = run_dir / "log.csv"
-        new = not self.path.exists()
+        if self.path.exists():  # drop rows written after the checkpoint we resume from
+            with self.path.open(newline="", encoding="utf-8") as f:
+                rows = [r for r in csv.reader(f) if r and (not r[0].isdigit() or int(r[0]) <= resume_step)]
+            with self.path.open("w", newline="", encoding="utf-8") as f:
+                csv.writer(f).writerows(rows)
+        new = not self.path.exists() or self.path.stat().st_size == 0
         self.file = self.path.open("a", newline="", encoding="utf-8")
         self.csv = csv.writer(self.file)
         if new:
@@ -219,7 +248,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         scaler.load_state_dict(state["scaler"])
         step, best, history = state["step"], state["best"], state["history"]
 
-    log = _Log(run_dir)
+    log = _Log(run_dir, step)
     bar = None
     if progress:
         from tqdm import tqdm

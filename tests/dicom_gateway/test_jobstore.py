@@ -114,3 +114,12 @@ def test_startup_recovery(store: JobStore) -> None:
     assert store.requeue_orphans() == 1
     assert store.get_job(job)["state"] == JobState.QUEUED
     assert store.receiving_studies()[0]["open_associations"] == 0
+
+
+def test_no_destination_job_is_done_with_results_kept(store: JobStore) -> None:
+    job = _job(store, dests=[])
+    store.claim_job("w", 60)
+    store.finish_encoding(job, [{"kind": "sr", "path": "/x"}], "0" * 64, 0, [])
+    assert store.get_job(job)["state"] == JobState.DONE
+    assert store.deliveries(job) == []
+    assert [e["to_state"] for e in store.job_events(job)][-2:] == ["SENDING", "DONE"]

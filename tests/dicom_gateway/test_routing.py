@@ -109,7 +109,8 @@ def test_two_rules_same_model_one_decision() -> None:
 
 def test_no_destinations_at_all() -> None:
     decisions, reasons = route_study([Rule(name="r", models=["lung"])], MODELS, [series("8.1")], [])
-    assert decisions == [] and reasons == ["rule r: no destinations configured"]
+    assert [d.model for d in decisions] == ["lung"] and decisions[0].destinations == []
+    assert reasons == ["rule r: no destinations configured; results kept in the outbox"]
 
 
 def _write_series(folder: Path, n: int, iop: list[float], modality: str = "CT") -> None:

@@ -151,8 +151,24 @@ def serve_onnx_model(
         shutil.rmtree(workspace, ignore_errors=True)
 
 
+def _children(pid: int) -> list[int]:
+    """Direct children of `pid` (the tritonserver process pytriton started), from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGINT the pytriton process group (it stops tritonserver), then SIGKILL what is left."""
+    """SIGINT the pytriton process group (it stops tritonserver), then SIGKILL what is left.
+
+    The Python backend's shared-memory pool (/dev/shm/pytrtion<server pid>-*) and its model copy
+    (/tmp/folderXXXXXX, holding the pytriton model.py) can outlive the server; both are removed.
+    """
+    servers = _children(proc.pid)
+    model_copies = {d for pid in servers for d in _model_copies(pid)}
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGINT)
@@ -162,6 +178,23 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=5)
+    for pid in servers:
+        for leftover in Path("/dev/shm").glob(f"pytrtion{pid}-*"):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+    for folder in model_copies:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _model_copies(server_pid: int) -> list[Path]:
+    """/tmp/folderXXXXXX directories the server's Python stubs load their model.py from."""
+    found = []
+    for stub in _children(server_pid):
+        with contextlib.suppress(OSError):
+            args = Path(f"/proc/{stub}/cmdline").read_bytes().split(b"\0")
+            if len(args) > 1 and args[1].startswith(b"/tmp/folder"):
+                found.append(Path(args[1].decode()).parents[1])
+    return found
 
 
 def _serve(args: argparse.Namespace) -> None:
