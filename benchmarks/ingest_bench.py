@@ -27,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pdu", type=int, default=116794, help="max PDU receive size for storescu and storescp")
     p.add_argument("--repeats", type=int, default=None, help="sends per configuration (default 2; tiny 1)")
     p.add_argument("--fsync", choices=["both", "on", "off"], default="both", help="dxgate fsync settings to run")
+    p.add_argument("--receivers", type=int, nargs="+", default=[1], help="dxgate `receivers` settings to run")
 
 
 def send(files: list[Path], port: int, aec: str, associations: int, pdu: int) -> tuple[float, list[str]]:
@@ -91,20 +92,21 @@ def run(args: argparse.Namespace, out: Path, info: dict[str, Any]) -> dict[str, 
                                                   port, "STORESCP", assoc, args, repeats, {"fsync": None}))
             finally:
                 common.stop(proc)
-        for fsync in fsyncs:
+        for fsync, receivers in [(f, r) for f in fsyncs for r in args.receivers]:
+            target = f"dxgate fsync={'on' if fsync else 'off'}" + (f" receivers={receivers}" if receivers > 1 else "")
             try:
                 (tmp / "no-models").mkdir(exist_ok=True)
-                proc, cfg = common.start_dxgate(tmp / f"dxgate-fsync-{fsync}", tmp / "no-models", fsync=fsync,
-                                                quiet_seconds=30.0, max_associations=max(args.associations) + 2)
+                proc, cfg = common.start_dxgate(tmp / f"dxgate-fsync-{fsync}-r{receivers}", tmp / "no-models",
+                                                fsync=fsync, quiet_seconds=30.0, receivers=receivers,
+                                                max_associations=max(args.associations) + 2)
             except (RuntimeError, FileNotFoundError) as exc:
-                result["results"].append({"target": f"dxgate fsync={fsync}", "error": str(exc)[-1000:]})
+                result["results"].append({"target": target, "error": str(exc)[-1000:]})
                 common.log(f"dxgate skipped: {str(exc).splitlines()[0]}")
                 continue
             try:
                 for assoc in args.associations:
-                    result["results"].append(_measure(f"dxgate fsync={'on' if fsync else 'off'}", files, nbytes,
-                                                      cfg["dicom_port"], cfg["ae_title"], assoc, args, repeats,
-                                                      {"fsync": fsync}))
+                    result["results"].append(_measure(target, files, nbytes, cfg["dicom_port"], cfg["ae_title"],
+                                                      assoc, args, repeats, {"fsync": fsync, "receivers": receivers}))
             finally:
                 common.stop(proc)
     _summarise(result, out)

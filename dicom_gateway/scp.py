@@ -41,6 +41,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.utils import make_target
 
 from dicom_gateway import __version__
 from dicom_gateway.dicom_headers import identifiers, instance_record, parse_dataset_bytes
@@ -102,12 +103,25 @@ def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: 
     return buf.getvalue()
 
 
+class ReusePortAssociationServer(ThreadedAssociationServer):
+    """A threaded association server whose listening socket sets SO_REUSEPORT before bind (Linux).
+
+    Several processes listening so on one port share it; the kernel spreads incoming connections.
+    """
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
 class StorageSCP:
     """Accepts associations for Verification and every storage SOP class, and stores what it receives."""
 
     def __init__(self, settings: Settings, store: JobStore, spool: Spool,
-                 on_event: Callable[[str], None] | None = None) -> None:
+                 on_event: Callable[[str], None] | None = None, *, reuse_port: bool = False) -> None:
         self.settings = settings
+        self.reuse_port = reuse_port
         self.store = store
         self.spool = spool
         self.on_event = on_event
@@ -152,9 +166,23 @@ class StorageSCP:
         if self._server is not None:
             return
         s = self.settings
-        self._server = self.ae.start_server((s.bind_address, s.dicom_port), block=False,
-                                            evt_handlers=self._handlers())
+        if self.reuse_port:
+            self._server = self._start_reuse_port_server()
+        else:
+            self._server = self.ae.start_server((s.bind_address, s.dicom_port), block=False,
+                                                evt_handlers=self._handlers())
         log.info("storage SCP listening", extra={"reason": f"AE {s.ae_title} on {s.bind_address}:{self.port}"})
+
+    def _start_reuse_port_server(self) -> ThreadedAssociationServer:
+        """What `AE.start_server(block=False)` does, with a server class that sets SO_REUSEPORT."""
+        s = self.settings
+        server = self.ae.make_server((s.bind_address, s.dicom_port), evt_handlers=self._handlers(),
+                                     server_class=ReusePortAssociationServer)
+        thread = threading.Thread(target=make_target(server.serve_forever), name="AcceptorServer-reuseport",
+                                  daemon=True)
+        thread.start()
+        self.ae._servers.append(server)  # so that AE.shutdown() stops it, as for start_server()
+        return server
 
     def stop(self) -> None:
         """Stop listening and abort open associations (their instances stay recorded, they are closed)."""

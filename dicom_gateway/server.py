@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import signal
 import threading
 from dataclasses import dataclass, field
 
@@ -81,8 +82,14 @@ class Gateway:
             log.warning("recovered after an unclean stop: %d association(s) closed, %d job(s) requeued",
                         closed, requeued)
         self.models = load_models(s)
-        self.scp = StorageSCP(s, self.store, self.spool)
-        self.scp.start()
+        if s.receivers > 1:  # after close_stale_associations(): receivers' associations are live ones
+            from dicom_gateway.receivers import ReceiverPool
+
+            self.receivers = ReceiverPool(s, self.store)
+            self.receivers.start()
+        else:
+            self.scp = StorageSCP(s, self.store, self.spool)
+            self.scp.start()
         self.sender = Sender(s, self.store)
         self._spawn("assembly", self._assembly_loop)
         for n in range(s.worker.count):
@@ -113,7 +120,8 @@ class Gateway:
             store_ok = False
         usage = shutil.disk_usage(self.settings.data_dir)
         return {
-            "scp": getattr(self, "scp", None) is not None and self.scp.is_running,
+            "scp": (self.receivers.alive() if getattr(self, "receivers", None) is not None else
+                    getattr(self, "scp", None) is not None and self.scp.is_running),
             "store": store_ok,
             "models": bool(self.models),
             "disk": usage.free >= self.settings.min_free_disk_mb * 1024 * 1024,
@@ -123,10 +131,16 @@ class Gateway:
         self._stop.set()
         if getattr(self, "scp", None) is not None:
             self.scp.stop()
+        if getattr(self, "receivers", None) is not None:
+            self.receivers.stop()
         for t in self._threads:
             t.join(timeout=10)
         for m in self.models.values():
             m.runner.backend.close()
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def serve(settings: Settings) -> int:
@@ -136,6 +150,9 @@ def serve(settings: Settings) -> int:
     from dicom_gateway.api import create_app
 
     configure_logging(settings.log_level, settings.log_format)
+    # uvicorn re-raises the signal it caught once its own shutdown is done; with this handler that
+    # becomes SystemExit, so the `finally` below stops the SCP, workers and sender cleanly.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     gateway = Gateway(settings)
     gateway.start()
     try:

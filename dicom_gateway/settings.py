@@ -125,6 +125,8 @@ class Settings(BaseSettings):
     tcp_nodelay: bool = True
     min_free_disk_mb: int = Field(default=512, ge=0)
     network_timeout_s: float = Field(default=60.0, gt=0)
+    receivers: int = Field(default=1, ge=1, le=16)
+    """Storage SCP processes sharing dicom_port (SO_REUSEPORT, Linux); 1 = the SCP runs in the main process."""
     sender: SenderSettings = SenderSettings()
     worker: WorkerSettings = WorkerSettings()
     backends: dict[str, BackendSettings] = Field(default_factory=dict)

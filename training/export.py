@@ -35,6 +35,7 @@ def export_onnx(
         # modes (track_running_stats=False), so this warning does not indicate a train/eval difference.
         warnings.filterwarnings("ignore", message=".*instance_norm.*")
         warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # shape checks traced as constants
         torch.onnx.export(
             net, (example.to("cpu", torch.float32),), str(tmp), input_names=[input_name],
             output_names=[output_name], opset_version=opset, dynamic_axes=axes, dynamo=False,
