@@ -80,6 +80,10 @@ def nodules(prob: np.ndarray, volume: Volume, card: ModelCard,
     """
     prob = prob[0] if prob.ndim == 4 and prob.shape[0] == 1 else prob
     if info is not None:
+        if not np.any(prob > card.thresholds.probability):
+            # Linear interpolation never exceeds its inputs: nothing can pass the threshold on the
+            # source grid either, so skip mapping the whole map back (seconds for a 300-slice CT).
+            return [], np.zeros(volume.shape, dtype=_map_dtype(card.labels[0].index))
         prob = to_source_grid(prob, info, volume.shape, order=1)
     if prob.shape != volume.shape:
         raise PostprocessError(f"probability map {prob.shape} is not on the source grid {volume.shape}")

@@ -106,7 +106,7 @@ def encode_sr(
             observation_context=_observation_context(card),
             procedure_reported=procedure_code(card, str(images[0].Modality)),
             imaging_measurements=groups,
-            referenced_images=images,
+            referenced_images=_library_images(result, images),
         )
         evidence = [*images, seg] if seg is not None else images
         sr = hd.sr.Comprehensive3DSR(
@@ -129,6 +129,18 @@ def encode_sr(
     if supersedes:
         sr.PredecessorDocumentsSequence = predecessor_documents(supersedes)
     return sr
+
+
+def _library_images(result: InferenceResult, images: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
+    """The TID 1600 Image Library: the slices the findings point at, not the whole series.
+
+    Every source instance is still listed as evidence (Current Requested Procedure Evidence Sequence,
+    PS3.3 C.17.2); listing all of them in the content tree too made a 300-slice SR take ~16 s to build
+    and read back, for no information a viewer uses.
+    """
+    wanted = {f.referenced_sop_instance_uid for f in result.findings if f.referenced_sop_instance_uid}
+    chosen = [ds for ds in images if str(ds.SOPInstanceUID) in wanted]
+    return chosen or list(images[:1])
 
 
 def _observation_context(card: ModelCard) -> hd.sr.ObservationContext:
