@@ -80,6 +80,21 @@ def algorithm_identification(card: ModelCard) -> hd.AlgorithmIdentificationSeque
     )
 
 
+def new_instance(card: ModelCard, series_number: int, instance_number: int) -> dict:
+    """Identity of a new result instance in a new series (General Series / Equipment, PS3.3 C.7.3.1, C.7.5.1):
+    keyword arguments shared by highdicom's SR, SEG and GSPS constructors."""
+    return {
+        "series_instance_uid": generate_uid(),
+        "series_number": series_number,
+        "sop_instance_uid": generate_uid(),
+        "instance_number": instance_number,
+        "manufacturer": MANUFACTURER,
+        "manufacturer_model_name": card.name[:64],
+        "software_versions": software_versions(card),
+        "device_serial_number": card.weights_sha256[:16],
+    }
+
+
 def software_versions(card: ModelCard) -> str:
     return f"{card.name} {card.version}"[:64]
 

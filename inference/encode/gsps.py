@@ -13,19 +13,17 @@ from collections.abc import Sequence
 import highdicom as hd
 import numpy as np
 import pydicom
-from pydicom.uid import generate_uid
 
 from inference.encode.common import (
-    MANUFACTURER,
     NOT_FOR_CLINICAL_USE,
     annotation_text,
     centre_pixel,
     display_diameter_mm,
     nearest_source,
+    new_instance,
     ordered_sources,
     series_description,
     set_body_part,
-    software_versions,
     window_for,
 )
 from inference.errors import EncodeError
@@ -67,14 +65,7 @@ def encode_gsps(
         ]
         gsps = hd.pr.GrayscaleSoftcopyPresentationState(
             referenced_images=list(images.values()),
-            series_instance_uid=generate_uid(),
-            series_number=series_number,
-            sop_instance_uid=generate_uid(),
-            instance_number=instance_number,
-            manufacturer=MANUFACTURER,
-            manufacturer_model_name=card.name[:64],
-            software_versions=software_versions(card),
-            device_serial_number=card.weights_sha256[:16],
+            **new_instance(card, series_number, instance_number),
             content_label="DXGATE",
             content_description=f"{card.name} {card.version} {NOT_FOR_CLINICAL_USE}"[:64],
             graphic_annotations=annotations,

@@ -17,16 +17,14 @@ from collections.abc import Sequence
 import highdicom as hd
 import numpy as np
 import pydicom
-from pydicom.uid import generate_uid
 
 from inference.encode.common import (
-    MANUFACTURER,
     algorithm_identification,
     coded,
     label_spec_for,
+    new_instance,
     ordered_sources,
     series_description,
-    software_versions,
 )
 from inference.errors import EncodeError
 from inference.findings import Finding, InferenceResult
@@ -87,14 +85,7 @@ def encode_seg(
             pixel_array=relabelled,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=descriptions,
-            series_instance_uid=generate_uid(),
-            series_number=series_number,
-            sop_instance_uid=generate_uid(),
-            instance_number=instance_number,
-            manufacturer=MANUFACTURER,
-            manufacturer_model_name=card.name[:64],
-            software_versions=software_versions(card),
-            device_serial_number=card.weights_sha256[:16],
+            **new_instance(card, series_number, instance_number),
             content_label="DXGATE_SEG",
             content_description=f"{card.name} {card.version} findings. {card.intended_use}"[:64],
             series_description=series_description(card, "SEG"),

@@ -30,7 +30,6 @@ from pydicom.uid import Comprehensive3DSRStorage, generate_uid
 
 from inference.encode.common import (
     DETECTION_PROBABILITY,
-    MANUFACTURER,
     SOFTWARE_NAME,
     UNIT_MM,
     UNIT_MM3,
@@ -38,10 +37,10 @@ from inference.encode.common import (
     coded,
     device_uid,
     label_spec_for,
+    new_instance,
     ordered_sources,
     private_coding_schemes,
     series_description,
-    software_versions,
 )
 from inference.encode.seg import segment_numbers
 from inference.errors import EncodeError
@@ -112,16 +111,9 @@ def encode_sr(
         sr = hd.sr.Comprehensive3DSR(
             evidence=evidence,
             content=report,
-            series_instance_uid=generate_uid(),
-            series_number=series_number,
-            sop_instance_uid=generate_uid(),
-            instance_number=instance_number,
-            manufacturer=MANUFACTURER,
             is_complete=True,
             series_description=series_description(card, "SR"),
-            manufacturer_model_name=card.name[:64],
-            software_versions=software_versions(card),
-            device_serial_number=card.weights_sha256[:16],
+            **new_instance(card, series_number, instance_number),
             coding_schemes=private_coding_schemes(),
         )
     except (ValueError, TypeError, AttributeError) as exc:
