@@ -115,7 +115,7 @@ def run_receiver(settings_json_or_path: str, stop_event: MpEvent, ready: MpEvent
     settings = _load_settings(settings_json_or_path)
     configure_logging(settings.log_level, settings.log_format)
     store = _ReportingJobStore(settings.db_path, durable=settings.fsync, report=report)
-    spool = Spool(settings.spool_dir, fsync=settings.fsync, min_free_bytes=settings.min_free_disk_mb * 1024 * 1024)
+    spool = Spool(settings.spool_dir, fsync=settings.fsync, min_free_bytes=settings.min_free_disk_bytes)
     scp = StorageSCP(settings, store, spool, reuse_port=True)
     scp.start()
     log.info("receiver started", extra={"reason": f"pid {os.getpid()} port {scp.port}"})

@@ -12,6 +12,7 @@ import shutil
 import signal
 import threading
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from dicom_gateway.assembly import mark_ready_studies, route_ready_studies
 from dicom_gateway.errors import ConfigError
@@ -23,6 +24,10 @@ from inference.backends.factory import make_backend
 from inference.errors import InferenceError
 from inference.model_repo import discover_models
 from inference.pipeline import ModelRunner
+
+if TYPE_CHECKING:
+    from dicom_gateway.receivers import ReceiverPool
+    from dicom_gateway.scp import StorageSCP
 
 log = logging.getLogger("dxgate.server")
 
@@ -57,6 +62,8 @@ class Gateway:
     settings: Settings
     store: JobStore = field(init=False)
     models: dict[str, LoadedModel] = field(init=False, default_factory=dict)
+    scp: StorageSCP | None = field(init=False, default=None)           # receivers == 1
+    receivers: ReceiverPool | None = field(init=False, default=None)   # receivers > 1
     _stop: threading.Event = field(init=False, default_factory=threading.Event)
     _threads: list[threading.Thread] = field(init=False, default_factory=list)
 
@@ -74,7 +81,7 @@ class Gateway:
         from dicom_gateway.spool import Spool
 
         s = self.settings
-        self.spool = Spool(s.spool_dir, fsync=s.fsync, min_free_bytes=s.min_free_disk_mb * 1024 * 1024)
+        self.spool = Spool(s.spool_dir, fsync=s.fsync, min_free_bytes=s.min_free_disk_bytes)
         self.spool.cleanup_temp()
         closed = self.store.close_stale_associations()
         requeued = self.store.requeue_orphans()
@@ -120,18 +127,18 @@ class Gateway:
             store_ok = False
         usage = shutil.disk_usage(self.settings.data_dir)
         return {
-            "scp": (self.receivers.alive() if getattr(self, "receivers", None) is not None else
-                    getattr(self, "scp", None) is not None and self.scp.is_running),
+            "scp": self.receivers.alive() if self.receivers is not None else
+                   self.scp is not None and self.scp.is_running,
             "store": store_ok,
             "models": bool(self.models),
-            "disk": usage.free >= self.settings.min_free_disk_mb * 1024 * 1024,
+            "disk": usage.free >= self.settings.min_free_disk_bytes,
         }
 
     def stop(self) -> None:
         self._stop.set()
-        if getattr(self, "scp", None) is not None:
+        if self.scp is not None:
             self.scp.stop()
-        if getattr(self, "receivers", None) is not None:
+        if self.receivers is not None:
             self.receivers.stop()
         for t in self._threads:
             t.join(timeout=10)

@@ -164,6 +164,10 @@ class Settings(BaseSettings):
         return self.data_dir / "outbox"
 
     @property
+    def min_free_disk_bytes(self) -> int:
+        return self.min_free_disk_mb * 1024 * 1024
+
+    @property
     def db_path(self) -> Path:
         return self.data_dir / "jobs.sqlite3"
 
