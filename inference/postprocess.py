@@ -119,13 +119,33 @@ def _largest_component(mask: np.ndarray) -> np.ndarray | None:
     return components == int(np.argmax(counts))
 
 
+def consecutive_labels(scores: np.ndarray) -> np.ndarray:
+    """Best run of consecutive labels for instances ordered cranio-caudally.
+
+    `scores[j, k]` is the mean probability of label index k+1 over instance j (j = 0 is the most cranial).
+    Vertebrae in one field of view are consecutive, so instance j gets label o + j; the offset o
+    maximises the summed log probability (evidence from every level in view, e.g. a sacrum or a C2, fixes
+    the labels of all). Returns the label index (1-based) per instance.
+    """
+    m, n = scores.shape
+    if m == 0:
+        return np.zeros(0, dtype=int)
+    if m > n:
+        raise PostprocessError(f"{m} vertebrae found but the model has only {n} levels")
+    logp = np.log(np.clip(scores, 1e-6, 1.0))
+    totals = [float(logp[np.arange(m), o + np.arange(m)].sum()) for o in range(n - m + 1)]
+    return 1 + int(np.argmax(totals)) + np.arange(m)
+
+
 def vertebrae(probs: np.ndarray, volume: Volume, card: ModelCard,
               info: ResampleInfo | None = None) -> tuple[list[Finding], np.ndarray]:
     """Softmax probabilities [C, Z, Y, X] (channel 0 background, channel k = LabelSpec.index k).
 
-    Argmax, then the largest connected component per label (on the grid the probabilities are on);
-    its mean softmax probability must reach thresholds.probability. The cleaned label map is mapped back
-    to the source grid (nearest neighbour); centroid and volume are measured there.
+    Argmax, then the largest connected component per label (on the grid the probabilities are on); its
+    mean softmax probability must reach thresholds.probability. With `card.consecutive_levels` the kept
+    instances are then relabelled as one consecutive run, cranial to caudal (`consecutive_labels`). The
+    cleaned label map is mapped back to the source grid (nearest neighbour); centroid and volume are
+    measured there.
     """
     if probs.ndim != 4:
         raise PostprocessError(f"expected softmax probabilities [C, Z, Y, X], got shape {probs.shape}")
@@ -135,17 +155,28 @@ def vertebrae(probs: np.ndarray, volume: Volume, card: ModelCard,
                                f"{max(s.index for s in card.labels)}")
     dtype = _map_dtype(max(s.index for s in specs))
     argmax = probs.argmax(axis=0)
-    cleaned = np.zeros(argmax.shape, dtype=dtype)
-    mean_prob: dict[int, float] = {}
+    instances: list[tuple[int, np.ndarray]] = []
     for spec in specs:
         comp = _largest_component(argmax == spec.index)
-        if comp is None:
-            continue
-        p = float(probs[spec.index][comp].mean())
-        if p < card.thresholds.probability:
-            continue
-        cleaned[comp] = spec.index
-        mean_prob[spec.index] = p
+        if comp is not None and float(probs[spec.index][comp].mean()) >= card.thresholds.probability:
+            instances.append((spec.index, comp))
+    labels = [k for k, _ in instances]
+    if card.consecutive_levels and len(instances) > 1:
+        order_index = [s.index for s in specs]
+        if order_index != list(range(1, len(specs) + 1)):
+            raise PostprocessError("consecutive_levels needs labels indexed 1..N in cranio-caudal order")
+        # cranio-caudal order by patient z (superior = +z in LPS) of each instance's centre
+        scale = (np.asarray(info.target_spacing) / np.asarray(info.source_spacing)) if info is not None else 1.0
+        centres = np.array([np.argwhere(comp).mean(axis=0) * scale for _, comp in instances])
+        order = np.argsort(-volume.index_to_patient(centres)[:, 2], kind="stable")
+        instances = [instances[i] for i in order]
+        scores = np.array([[float(probs[s.index][comp].mean()) for s in specs] for _, comp in instances])
+        labels = [int(v) for v in consecutive_labels(scores)]
+    cleaned = np.zeros(argmax.shape, dtype=dtype)
+    mean_prob: dict[int, float] = {}
+    for k, (_, comp) in zip(labels, instances, strict=True):
+        cleaned[comp] = k
+        mean_prob[k] = float(probs[k][comp].mean())
     label_map = to_source_grid(cleaned, info, volume.shape, order=0) if info is not None else cleaned
     if label_map.shape != volume.shape:
         raise PostprocessError(f"label map {label_map.shape} is not on the source grid {volume.shape}")

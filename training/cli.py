@@ -57,30 +57,59 @@ def _volume(entry: dict[str, Any]) -> Any:
                   modality="CT", frame_of_reference_uid="2.25.1")
 
 
+def nodule_candidates(logits: np.ndarray, volume: Any, info: Any, floor: float = 0.05,
+                      limit: int = 500) -> list[tuple[tuple[float, float, float], float]]:
+    """FROC candidates from the model-grid map: components at p > floor, (centre mm, max probability).
+
+    Measured on the model grid (mapping a 0.05-thresholded map back to a 512-row source grid costs
+    minutes); the operating point itself is scored through the gateway's postprocess. Keeps the `limit`
+    most probable components.
+    """
+    from scipy import ndimage
+
+    from inference.postprocess import sigmoid
+
+    prob = sigmoid(logits[0])
+    components, n = ndimage.label(prob > floor, structure=np.ones((3, 3, 3), dtype=bool))
+    if n == 0:
+        return []
+    ids = np.arange(1, n + 1)
+    maxima = np.asarray(ndimage.maximum(prob, components, ids))
+    keep = ids[np.argsort(-maxima)[:limit]]
+    centres = np.asarray(ndimage.center_of_mass(prob, components, keep), dtype=float).reshape(-1, 3)
+    source_index = centres * (np.asarray(info.target_spacing) / np.asarray(info.source_spacing))
+    return [(tuple(float(v) for v in volume.index_to_patient(c)), float(maxima[k - 1]))  # type: ignore[misc]
+            for c, k in zip(source_index, keep, strict=True)]
+
+
 def evaluate(net: torch.nn.Module, card_fields: dict[str, Any], entries: list[dict[str, Any]],
-             test_seed: int) -> dict[str, Any]:
-    """Held-out figures through the gateway's own preprocess / sliding window / postprocess."""
+             test_seed: int, figures_dir: Path | None = None) -> dict[str, Any]:
+    """Held-out figures through the gateway's own preprocess / sliding window / postprocess.
+
+    With `figures_dir`, the FROC curve (nodules) or the localisation errors per level (vertebrae) are
+    saved there as PNG and listed under "figures".
+    """
     from inference.model_card import ModelCard
     from inference.postprocess import postprocess
     from inference.preprocess import preprocess
     from inference.sliding_window import sliding_window_infer
     from training.metrics.froc import froc_cpm
+    from training.metrics.plots import plot_errors, plot_froc
     from training.metrics.vertebrae import aggregate_id_rates, identification_rate
 
     card = ModelCard.model_validate({**card_fields, "version": "eval", "weights_sha256": "0" * 64})
-    low = card.model_copy(update={"thresholds": card.thresholds.model_copy(update={"probability": 0.05})})
     backend = _TorchBackend(net)
     curve_preds, op_preds, truths, results = [], [], [], []
     for entry in entries:
         volume = _volume(entry)
         image, info = preprocess(volume, card)
         logits = sliding_window_infer(image, backend, "image", "logits", card.input.roi_size, card.input.overlap,
-                                      1, card.output.channels)
+                                      4, card.output.channels)
         if card.postprocess == "nodules":
             truths.append([(n["centre_mm"], n["diameter_mm"]) for n in entry["nodules"]])
-            for target, use in ((curve_preds, low), (op_preds, card)):
-                found, _ = postprocess(logits, volume, use, info)
-                target.append([(f.centre_mm, f.probability) for f in found])
+            curve_preds.append(nodule_candidates(logits, volume, info))
+            found, _ = postprocess(logits, volume, card, info)
+            op_preds.append([(f.centre_mm, f.probability) for f in found])
         else:
             found, _ = postprocess(logits, volume, card, info)
             verse = dict(zip(range(1, 26), SPINE_VERSE_VALUES, strict=True))
@@ -88,9 +117,12 @@ def evaluate(net: torch.nn.Module, card_fields: dict[str, Any], entries: list[di
                                                [(v["index"], v["centroid_mm"]) for v in entry["vertebrae"]]))
     common = {"heldout_cases": len(entries), "heldout_seeds": [test_seed, test_seed + len(entries) - 1],
               "heldout_rows": int(np.asarray(entries[0]["shape"])[1]) if entries else None}
+    figures: list[str] = []
     if card.postprocess == "nodules":
         froc, at = froc_cpm(curve_preds, truths), froc_cpm(op_preds, truths)
-        return {**common, "n_nodules": froc.n_nodules,
+        if figures_dir is not None and froc.n_nodules:
+            figures.append(plot_froc(froc, figures_dir / "froc.png", title=f"{card.name}: held-out FROC").name)
+        return {**common, "figures": figures, "n_nodules": froc.n_nodules,
                 "sensitivity_at_1fp_per_scan": froc.sensitivity_at(1.0), "cpm": froc.cpm,
                 "sensitivity_at_fp": dict(zip([f"{f:g}" for f in froc.operating_points], froc.sensitivities,
                                               strict=True)),
@@ -98,10 +130,19 @@ def evaluate(net: torch.nn.Module, card_fields: dict[str, Any], entries: list[di
                                     "sensitivity": at.n_true_positives / max(at.n_nodules, 1),
                                     "fp_per_scan": at.n_false_positives / max(len(entries), 1)},
                 "method": "inference.preprocess + sliding_window + postprocess (as served); LUNA16 FROC "
-                          "(training.metrics.froc.froc_cpm); curve from components at p > 0.05"}
+                          "(training.metrics.froc.froc_cpm); curve from model-grid components at p > 0.05 "
+                          "(training.cli.nodule_candidates), operating point through the gateway's postprocess"}
     summary = aggregate_id_rates(results)
     summary.pop("per_label", None)
-    return {**common, **summary,
+    errors: dict[str, list[float]] = {}
+    for r in results:
+        for level, v in r.per_label.items():
+            if v["error_mm"] is not None:
+                errors.setdefault(str(level), []).append(float(v["error_mm"]))
+    if figures_dir is not None and errors:
+        figures.append(plot_errors(errors, figures_dir / "localisation_errors.png",
+                                   title=f"{card.name}: held-out localisation error", threshold_mm=20.0).name)
+    return {**common, **summary, "figures": figures,
             "method": "inference.preprocess + sliding_window + postprocess (as served); VerSe id.rate, "
                       "20 mm (training.metrics.vertebrae)"}
 
@@ -155,7 +196,8 @@ def train_command(task: str, config: Path) -> int:
         thresholds={**fields["thresholds"], "probability": cfg.probability},
     )
     test = data_split(cfg, "test") if cfg.data.n_test else []
-    metrics = evaluate(result.net, fields, test, cfg.data.test_seed) if test else {}
+    figures_dir = Path(tempfile.mkdtemp(prefix="dxgate-figures-"))
+    metrics = evaluate(result.net, fields, test, cfg.data.test_seed, figures_dir) if test else {}
     if cfg.benchmark:
         metrics["timing"] = _cpu_benchmark(result.net, cfg)
     metrics["validation_dice"] = result.best_metric
@@ -175,6 +217,7 @@ def train_command(task: str, config: Path) -> int:
     if cfg.register_to is None:
         print(json.dumps(metrics, indent=1))
         return 0
-    folder = register_model(result.net, fields, cfg.register_to)
+    figures = {name: figures_dir / name for name in metrics.get("figures", [])}
+    folder = register_model(result.net, fields, cfg.register_to, extra_files=figures)
     print(f"registered {folder}\n{json.dumps(metrics, indent=1)}")
     return 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,7 @@ def card_fields_for(task: str, name: str | None = None, **overrides: Any) -> dic
             "modality": ["CT"],
             "body_part": ["SPINE", "CSPINE", "TSPINE", "LSPINE", "CHEST", "ABDOMEN"],
             "postprocess": "vertebrae",
+            "consecutive_levels": True,
             "input": {"name": "image", "spacing_mm": (4.0, 4.0, 4.0), "window": (-500.0, 1300.0),
                       "roi_size": (48, 48, 48), "overlap": 0.25, "batch_size": 1},
             "output": {"name": "logits", "activation": "softmax", "channels": 1 + len(SPINE_LEVELS)},
@@ -109,11 +110,13 @@ def config_pbtxt(name: str, input_name: str, output_name: str, channels: int) ->
 def register_model(
     net: torch.nn.Module, card_fields: dict[str, Any], models_dir: Path, version: str = "1",
     parity_inputs: Sequence[np.ndarray] | None = None, atol: float = 1e-4,
+    extra_files: Mapping[str, Path] | None = None,
 ) -> Path:
     """Export `net`, check parity, write the complete folder models_dir/<name>/ and verify it loads.
 
     `card_fields` are ModelCard fields without version/weights_sha256 (see `card_fields_for`).
-    `parity_inputs` default to one random [1, 1, *roi_size] patch. The folder is assembled in a
+    `parity_inputs` default to one random [1, 1, *roi_size] patch. `extra_files` (name -> file, e.g.
+    the held-out FROC plot) are copied next to the card; Triton ignores them. The folder is assembled in a
     temporary directory and swapped in at the end, so a failure never leaves a half-written model.
     Returns the model folder.
     """
@@ -141,6 +144,10 @@ def register_model(
         (folder / "config.pbtxt").write_text(
             config_pbtxt(name, in_name, out_name, card.output.channels), encoding="utf-8"
         )
+        for file_name, source in (extra_files or {}).items():
+            if Path(file_name).name != file_name or file_name[0].isdigit():
+                raise ValueError(f"extra file {file_name!r} must be a plain name that is not a version")
+            shutil.copyfile(source, folder / file_name)
         load_model(folder)  # the same cross-check the gateway performs
         target = models_dir / name
         old = stage / "previous"

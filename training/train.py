@@ -1,7 +1,8 @@
 """MONAI training workflow for the two dxgate tasks: data -> cached transforms -> U-Net -> checkpoints.
 
-One loop serves both tasks: label-aware patches (RandCropByPosNegLabeld), Dice+BCE loss (nodules,
-sigmoid) or Dice + background-weighted CE (vertebrae, softmax), AdamW with cosine decay, AMP on CUDA, a CSV log (and
+One loop serves both tasks: label-aware patches (RandCropByLabelClassesd: each nodule or level drawn
+equally often, nodule negatives mostly from the lungs), Dice+BCE loss (nodules, sigmoid) or Dice +
+background-weighted CE (vertebrae, softmax), AdamW with cosine decay, AMP on CUDA, a CSV log (and
 TensorBoard when installed), periodic sliding-window validation, `last.pt` for resume and `best.pt`.
 """
 
@@ -26,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from training.datasets import generate_dataset
 from training.networks import build_network
-from training.transforms import SPINE_LEVELS, augment_transforms, load_transforms
+from training.transforms import SPINE_LEVELS, augment_transforms, crop_size, load_transforms
 
 Task = Literal["lung-nodule", "spine-vertebrae"]
 
@@ -214,6 +215,15 @@ class _Log:
             self.tb.close()
 
 
+def _logged_seconds(path: Path, step: int) -> float:
+    """Elapsed seconds the CSV log recorded at `step` (checkpoints written before "seconds" was saved)."""
+    if not path.is_file():
+        return 0.0
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.reader(f) if r and r[0].isdigit() and int(r[0]) <= step]
+    return float(rows[-1][4]) if rows else 0.0
+
+
 def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     """Train (resuming from run_dir/last.pt when present and cfg.resume); returns the best network."""
     start = time.monotonic()
@@ -225,15 +235,6 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
-    train_data = data_split(cfg, "training", progress)
-    val_data = data_split(cfg, "validation", progress)
-    load = load_transforms(cfg.task, cfg.spacing_mm, cfg.window)
-    cached = load_transforms(cfg.task, cfg.spacing_mm, cfg.window, compact=True)
-    augment = augment_transforms(cfg.task, cfg.roi_size, cfg.num_samples, cfg.pos, cfg.neg)
-    train_ds = CacheDataset(train_data, Compose(cached + augment), num_workers=0, progress=False)
-    val_volumes = list(CacheDataset(val_data, Compose(load), num_workers=0, progress=False))
-    loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=0, drop_last=False)
-
     net = make_network(cfg).to(device)
     loss_fn = make_loss(cfg)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -243,7 +244,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     )
     amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    step, best, history = 0, -1.0, []
+    step, best, history, earlier = 0, -1.0, [], 0.0
     last = run_dir / "last.pt"
     if cfg.resume and last.is_file():
         state = torch.load(last, map_location=device, weights_only=False)
@@ -252,6 +253,19 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         sched.load_state_dict(state["sched"])
         scaler.load_state_dict(state["scaler"])
         step, best, history = state["step"], state["best"], state["history"]
+        earlier = float(state.get("seconds", _logged_seconds(run_dir / "log.csv", step)))
+    start -= earlier  # the reported time covers every invocation of this run
+
+    if step < cfg.steps:  # a finished run only reloads its best network (e.g. to re-evaluate and register)
+        train_data = data_split(cfg, "training", progress)
+        val_data = data_split(cfg, "validation", progress)
+        load = load_transforms(cfg.task, cfg.spacing_mm, cfg.window)
+        cached = load_transforms(cfg.task, cfg.spacing_mm, cfg.window, compact=True,
+                                 pad_to=crop_size(cfg.roi_size))
+        augment = augment_transforms(cfg.task, cfg.roi_size, cfg.num_samples, cfg.pos, cfg.neg)
+        train_ds = CacheDataset(train_data, Compose(cached + augment), num_workers=0, progress=False)
+        val_volumes = list(CacheDataset(val_data, Compose(load), num_workers=0, progress=False))
+        loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=0, drop_last=False)
 
     log = _Log(run_dir, step)
     bar = None
@@ -285,8 +299,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                 log.row(step, entry["loss"], sched.get_last_lr()[0], val, time.monotonic() - start)
                 if val is not None:
                     torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                                "scaler": scaler.state_dict(), "step": step, "best": best, "history": history},
-                               last)
+                                "scaler": scaler.state_dict(), "step": step, "best": best, "history": history,
+                                "seconds": time.monotonic() - start}, last)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{entry['loss']:.3f}", best=f"{best:.3f}")

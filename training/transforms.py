@@ -9,26 +9,33 @@ inference side applies none beyond slice sorting.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
+from monai.config import KeysCollection
 from monai.transforms import (
+    ClassesToIndicesd,
     Compose,
+    DeleteItemsd,
     EnsureChannelFirstd,
     EnsureTyped,
     LoadImaged,
     MapLabelValued,
+    MapTransform,
     RandAffined,
-    RandCropByPosNegLabeld,
+    RandCropByLabelClassesd,
     RandFlipd,
     RandGaussianNoised,
     RandRotate90d,
     RandScaleIntensityd,
     RandShiftIntensityd,
+    RandSpatialCropd,
     ScaleIntensityRanged,
     Spacingd,
     SpatialPadd,
 )
+from scipy import ndimage
 
 KEYS = ("image", "label")
 
@@ -40,6 +47,60 @@ SPINE_LEVELS: tuple[str, ...] = (
     "Sacrum",
 )
 SPINE_VERSE_VALUES: tuple[int, ...] = (*range(1, 25), 26)
+
+# Patch sampling classes for nodules: 0 = elsewhere, 1 = lung parenchyma (where vessels, the usual false
+# positives, live), 2.. = one class per nodule, so a 3 mm nodule is drawn as often as a 30 mm one.
+SAMPLING_KEY = "sampling"
+INDICES_KEY = "sampling_cls_indices"
+LUNG_PARENCHYMA_HU = (-950.0, -500.0)
+MAX_NODULE_CLASSES = 8
+MAX_SAMPLES_PER_CLASS = 20000   # cached centre candidates per class (random subset of large classes)
+CROP_JITTER = 16                # the sampled voxel lands anywhere within +-8 voxels of the patch centre
+
+
+def crop_size(roi: Sequence[int]) -> tuple[int, ...]:
+    """First crop around the sampled centre; a random `roi` window inside it follows (position jitter)."""
+    return tuple(int(r) + CROP_JITTER for r in roi)
+
+
+def sampling_classes(task: str) -> int:
+    """Number of patch-sampling classes per task."""
+    return 2 + MAX_NODULE_CLASSES if task == "lung-nodule" else 1 + len(SPINE_LEVELS)
+
+
+def sampling_ratios(task: str, pos: float, neg: float) -> list[float]:
+    """Relative draw weights per sampling class (absent classes are skipped by MONAI).
+
+    Nodules: a quarter of the negative weight elsewhere in the body, the rest in the lungs, `pos` per
+    nodule. Vertebrae: `neg` for background, `pos` for every level (rare cervical levels as often as
+    lumbar ones).
+    """
+    if task == "lung-nodule":
+        return [0.25 * neg, 0.75 * neg] + [pos] * MAX_NODULE_CLASSES
+    return [neg] + [pos] * len(SPINE_LEVELS)
+
+
+class NoduleSamplingMapd(MapTransform):
+    """Adds `SAMPLING_KEY`: the nodule patch-sampling classes (see `sampling_classes`) of a windowed image."""
+
+    def __init__(self, keys: KeysCollection, window: Sequence[float], label_key: str = "label") -> None:
+        super().__init__(keys)
+        low, high = float(window[0]), float(window[1])
+        self.lung = tuple((hu - low) / (high - low) for hu in LUNG_PARENCHYMA_HU)
+        self.label_key = label_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = np.asarray(d[key])
+            label = np.asarray(d[self.label_key])
+            out = ((image > self.lung[0]) & (image < self.lung[1])).astype(np.uint8)
+            components, n = ndimage.label(label[0] > 0, structure=np.ones((3, 3, 3), dtype=bool))
+            if n:
+                nodule = components > 0
+                out[0][nodule] = 2 + (components[nodule] - 1) % MAX_NODULE_CLASSES
+            d[SAMPLING_KEY] = out
+        return d
 
 
 def window_hu(hu: np.ndarray, window: Sequence[float]) -> np.ndarray:
@@ -56,11 +117,13 @@ def spine_label_to_channel(label: np.ndarray) -> np.ndarray:
     return lut[np.asarray(label, dtype=np.uint8)]
 
 
-def load_transforms(task: str, spacing: Sequence[float], window: Sequence[float], compact: bool = False) -> list:
+def load_transforms(task: str, spacing: Sequence[float], window: Sequence[float], compact: bool = False,
+                    pad_to: Sequence[int] | None = None) -> list:
     """Deterministic part (cacheable): load, channel first, label remap, resample, window.
 
-    `compact` keeps the cached image as float16 and the label as uint8 (a quarter of the memory);
-    `augment_transforms` converts both back to float32.
+    `compact` keeps the cached image as float16 and the label as uint8 (a quarter of the memory), pads
+    to `pad_to` (`crop_size(roi)`) and adds the patch-centre candidates per sampling class that
+    `augment_transforms` draws from; it converts image and label back to float32.
     """
     chain: list = [
         LoadImaged(keys=KEYS, reader="NibabelReader", image_only=True),
@@ -83,6 +146,18 @@ def load_transforms(task: str, spacing: Sequence[float], window: Sequence[float]
     if compact:
         chain += [EnsureTyped(keys="image", dtype=np.float16, track_meta=False),
                   EnsureTyped(keys="label", dtype=np.uint8, track_meta=False)]
+        # centre candidates per sampling class, cached with the volume (no per-step search of the label)
+        if pad_to is not None:  # before the indices, which are flat offsets into the padded volume
+            chain.append(SpatialPadd(keys=KEYS, spatial_size=tuple(int(r) for r in pad_to)))
+        if task == "lung-nodule":
+            chain.append(NoduleSamplingMapd(keys="image", window=window))
+        chain += [
+            ClassesToIndicesd(keys=SAMPLING_KEY if task == "lung-nodule" else "label",
+                              num_classes=sampling_classes(task), max_samples_per_class=MAX_SAMPLES_PER_CLASS,
+                              indices_postfix="_cls_indices"),
+        ]
+        if task == "lung-nodule":
+            chain.append(DeleteItemsd(keys=SAMPLING_KEY))
     else:
         chain.append(EnsureTyped(keys=KEYS, dtype=np.float32, track_meta=False))
     return chain
@@ -97,11 +172,12 @@ def augment_transforms(task: str, roi: Sequence[int], num_samples: int, pos: flo
     """
     roi = tuple(int(r) for r in roi)
     chain: list = [
-        SpatialPadd(keys=KEYS, spatial_size=roi),
-        RandCropByPosNegLabeld(
-            keys=KEYS, label_key="label", spatial_size=roi, pos=pos, neg=neg, num_samples=num_samples,
-            image_key="image", image_threshold=0.0, allow_smaller=True,
+        RandCropByLabelClassesd(
+            keys=KEYS, label_key="label", spatial_size=crop_size(roi), ratios=sampling_ratios(task, pos, neg),
+            num_classes=sampling_classes(task), num_samples=num_samples, indices_key=INDICES_KEY if task ==
+            "lung-nodule" else "label_cls_indices", allow_smaller=True, warn=False,
         ),
+        RandSpatialCropd(keys=KEYS, roi_size=roi, random_size=False),
     ]
     if task == "lung-nodule":
         chain += [
@@ -132,7 +208,8 @@ def train_transforms(
     num_samples: int = 2, pos: float = 1.0, neg: float = 1.0,
 ) -> Compose:
     """Full training chain (load + augment), for uncached datasets."""
-    return Compose(load_transforms(task, spacing, window) + augment_transforms(task, roi, num_samples, pos, neg))
+    return Compose(load_transforms(task, spacing, window, compact=True, pad_to=crop_size(roi))
+                   + augment_transforms(task, roi, num_samples, pos, neg))
 
 
 def val_transforms(task: str, spacing: Sequence[float], window: Sequence[float]) -> Compose:

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from inference.model_card import ModelCard
-from inference.postprocess import PostprocessError, nodules, postprocess, sigmoid, softmax, vertebrae
+from inference.postprocess import (
+    PostprocessError,
+    consecutive_labels,
+    nodules,
+    postprocess,
+    sigmoid,
+    softmax,
+    vertebrae,
+)
 from inference.preprocess import preprocess
 from inference.volume import Volume
 
@@ -105,3 +113,45 @@ def test_vertebrae_needs_enough_channels(nodule_model):
     card = _vertebra_card(nodule_model.card)
     with pytest.raises(PostprocessError):
         vertebrae(np.zeros((2, 4, 4, 4), np.float32), _volume((4, 4, 4)), card)
+
+
+def _three_level_card(nodule_card: ModelCard, consecutive: bool) -> ModelCard:
+    data = _vertebra_card(nodule_card).model_dump()
+    level = {"category": {"value": "91723000", "scheme": "SCT", "meaning": "Anatomical structure"}}
+    data["labels"].append({"index": 3, "name": "L3", "finding": {"value": "36470004", "scheme": "SCT",
+                                                                  "meaning": "Third lumbar vertebra"}, **level})
+    data.update(output={"name": "logits", "activation": "softmax", "channels": 4}, consecutive_levels=consecutive)
+    return ModelCard.model_validate(data)
+
+
+def test_consecutive_labels_picks_the_best_offset():
+    # two instances, cranial first; columns are L1, L2, L3
+    scores = np.array([[0.3, 0.6, 0.05], [0.6, 0.1, 0.25]])
+    # offsets: L1,L2 -> log .3 + log .1 = -3.51; L2,L3 -> log .6 + log .25 = -1.90
+    np.testing.assert_array_equal(consecutive_labels(scores), [2, 3])
+    np.testing.assert_array_equal(consecutive_labels(np.array([[0.1, 0.2, 0.9]])), [3])
+    assert consecutive_labels(np.zeros((0, 3))).size == 0
+    with pytest.raises(PostprocessError):
+        consecutive_labels(np.full((4, 3), 0.5))
+
+
+@pytest.mark.parametrize("consecutive", [False, True])
+def test_vertebrae_are_relabelled_as_one_consecutive_run(nodule_model, consecutive):
+    card = _three_level_card(nodule_model.card, consecutive)
+    vol = _volume()
+    probs = np.zeros((4, *vol.shape), np.float32)
+    probs[0] = 1.0
+    cranial, caudal = (slice(12, 18), slice(10, 20), slice(10, 20)), (slice(2, 8), slice(10, 20), slice(10, 20))
+    probs[(slice(None), *cranial)] = np.array([0.05, 0.3, 0.6, 0.05])[:, None, None, None]   # says L2
+    probs[(slice(None), *caudal)] = np.array([0.05, 0.6, 0.1, 0.25])[:, None, None, None]    # says L1: below L2?
+    findings, label_map = vertebrae(probs, vol, card)
+    by_label = {f.label: f for f in findings}
+    # identity direction, origin z = 50: a higher slice index is more cranial
+    if consecutive:
+        assert set(by_label) == {"L2", "L3"}
+        assert by_label["L3"].centre_mm[2] < by_label["L2"].centre_mm[2]
+        assert by_label["L3"].probability == pytest.approx(0.25)
+        assert label_map[4, 15, 15] == 3 and label_map[14, 15, 15] == 2
+    else:
+        assert set(by_label) == {"L1", "L2"}
+        assert label_map[4, 15, 15] == 1 and label_map[14, 15, 15] == 2

@@ -11,7 +11,16 @@ import torch
 
 from training.datasets import generate_dataset, phantom_case
 from training.train import DataConfig, TrainConfig, train
-from training.transforms import spine_label_to_channel, val_transforms, window_hu
+from training.transforms import (
+    SAMPLING_KEY,
+    NoduleSamplingMapd,
+    sampling_classes,
+    sampling_ratios,
+    spine_label_to_channel,
+    train_transforms,
+    val_transforms,
+    window_hu,
+)
 
 
 def _cfg(tmp_path: Path, task: str = "lung-nodule", steps: int = 20, **kw) -> TrainConfig:
@@ -110,4 +119,41 @@ def test_train_command_trains_evaluates_and_registers(tmp_path: Path, task: str)
     assert card.metrics["heldout_cases"] == 2
     key = "sensitivity_at_1fp_per_scan" if task == "lung-nodule" else "id_rate"
     assert key in card.metrics
+    if task == "lung-nodule":
+        assert card.metrics["figures"] == ["froc.png"]
+    for figure in card.metrics["figures"]:  # the plots travel with the card
+        assert (tmp_path / "models" / name / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert train_command("spine-vertebrae" if task == "lung-nodule" else "lung-nodule", config) == 2
+    # the same command on a finished run re-evaluates and re-registers without training again
+    assert train_command(task, config) == 0
+    again = load_model(tmp_path / "models" / name).card
+    assert again.training["steps"] == 3 and again.training["seconds"] >= card.training["seconds"]
+    assert again.weights_sha256 == card.weights_sha256
+
+
+def test_nodule_sampling_map_numbers_each_nodule_and_marks_lung() -> None:
+    image = np.zeros((1, 10, 12, 12), np.float32)
+    image[:, :, 2:10, 2:10] = (-850 + 1000) / 1400        # lung parenchyma in the window (-1000, 400)
+    label = np.zeros_like(image, dtype=np.uint8)
+    label[0, 1:3, 3:5, 3:5] = 1                              # nodule A
+    label[0, 6:9, 6:9, 6:9] = 1                              # nodule B (touches nothing else)
+    image[label > 0] = (30 + 1000) / 1400
+    out = NoduleSamplingMapd(keys="image", window=(-1000.0, 400.0))({"image": image, "label": label})
+    classes = out[SAMPLING_KEY][0]
+    assert set(np.unique(classes[label[0] > 0])) == {2, 3}   # one class per nodule, whatever its size
+    assert classes[1, 3, 3] != classes[7, 7, 7]
+    assert classes[5, 2, 2] == 1 and classes[5, 0, 0] == 0   # lung vs elsewhere
+    assert sampling_ratios("lung-nodule", 1.0, 1.0)[:3] == [0.25, 0.75, 1.0]
+    assert len(sampling_ratios("spine-vertebrae", 1.0, 1.0)) == sampling_classes("spine-vertebrae") == 26
+
+
+@pytest.mark.parametrize("task", ["lung-nodule", "spine-vertebrae"])
+def test_training_patches_hold_every_class_in_proportion(tmp_path: Path, task: str) -> None:
+    """Patch centres come from the cached per-class candidates: positives appear in most patches."""
+    window = (-1000.0, 400.0) if task == "lung-nodule" else (-500.0, 1300.0)
+    entries = generate_dataset(task, tmp_path, "training", 1, seed=5, phantom=True, progress=False)
+    chain = train_transforms(task, (3.0, 3.0, 3.0), window, (8, 16, 16), num_samples=40, pos=3.0, neg=1.0)
+    patches = chain(entries[0])
+    assert len(patches) == 40 and all(p["image"].shape == (1, 8, 16, 16) for p in patches)
+    with_foreground = sum(bool((p["label"] > 0).any()) for p in patches)
+    assert with_foreground >= 20
