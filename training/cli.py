@@ -95,7 +95,7 @@ def evaluate(net: torch.nn.Module, card_fields: dict[str, Any], entries: list[di
     from inference.sliding_window import sliding_window_infer
     from training.metrics.froc import froc_cpm
     from training.metrics.plots import plot_errors, plot_froc
-    from training.metrics.vertebrae import aggregate_id_rates, identification_rate
+    from training.metrics.vertebrae import aggregate_id_rates, errors_by_label, identification_rate
 
     card = ModelCard.model_validate({**card_fields, "version": "eval", "weights_sha256": "0" * 64})
     backend = _TorchBackend(net)
@@ -134,11 +134,7 @@ def evaluate(net: torch.nn.Module, card_fields: dict[str, Any], entries: list[di
                           "(training.cli.nodule_candidates), operating point through the gateway's postprocess"}
     summary = aggregate_id_rates(results)
     summary.pop("per_label", None)
-    errors: dict[str, list[float]] = {}
-    for r in results:
-        for level, v in r.per_label.items():
-            if v["error_mm"] is not None:
-                errors.setdefault(str(level), []).append(float(v["error_mm"]))
+    errors = errors_by_label(results)
     if figures_dir is not None and errors:
         figures.append(plot_errors(errors, figures_dir / "localisation_errors.png",
                                    title=f"{card.name}: held-out localisation error", threshold_mm=20.0).name)

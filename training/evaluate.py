@@ -25,7 +25,12 @@ from training.loaders.datalist import SPLITS, read_datalist, sha256_file
 from training.loaders.luna16 import LoaderError
 from training.loaders.verse import VERTEBRA_NAMES
 from training.metrics.froc import FrocResult, froc_cpm
-from training.metrics.vertebrae import VERSE_MAX_DISTANCE_MM, aggregate_id_rates, identification_rate
+from training.metrics.vertebrae import (
+    VERSE_MAX_DISTANCE_MM,
+    aggregate_id_rates,
+    errors_by_label,
+    identification_rate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +102,7 @@ def score_vertebrae(findings: Sequence[Sequence[Any]], entries: Sequence[Mapping
                 best[name] = f
         pred = [(name, _xyz(f.centre_mm)) for name, f in best.items()]
         results.append(identification_rate(pred, truth_centroids(entry), max_distance_mm))
-    errors: dict[str, list[float]] = {}
-    for r in results:
-        for lab, v in r.per_label.items():
-            if v["error_mm"] is not None:
-                errors.setdefault(lab, []).append(v["error_mm"])
+    errors = errors_by_label(results)
     summary = aggregate_id_rates(results)
     summary["per_case"] = [r.to_dict() for r in results]
     return summary, errors

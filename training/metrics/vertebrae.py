@@ -100,3 +100,13 @@ def aggregate_id_rates(results: Sequence[IdRate]) -> dict:
         "n_scans": len(results), "n_truth": n_truth, "n_identified": n_hit,
         "per_label": summary_per_label,
     }
+
+
+def errors_by_label(results: Sequence[IdRate]) -> dict[str, list[float]]:
+    """Localisation errors (mm) per vertebra label over scans, for the error plot."""
+    errors: dict[str, list[float]] = {}
+    for r in results:
+        for label, v in r.per_label.items():
+            if v["error_mm"] is not None:
+                errors.setdefault(str(label), []).append(float(v["error_mm"]))
+    return errors
