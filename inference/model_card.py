@@ -76,8 +76,8 @@ class ModelCard(_Strict):
     output: OutputSpec
     labels: list[LabelSpec]
     thresholds: Thresholds = Thresholds()
-    # vertebrae: relabel the levels found as one consecutive run (postprocess.consecutive_labels)
-    consecutive_levels: bool = False
+    # vertebrae: drop levels found out of cranio-caudal order (postprocess.cranio_caudal_subset)
+    ordered_levels: bool = False
     series: SeriesPreference
     weights_file: str = "model.onnx"
     weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")

@@ -11,6 +11,7 @@ of the sphere of equal volume, centre = centroid of the component mapped through
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 from pydicom.uid import generate_uid
@@ -119,22 +120,29 @@ def _largest_component(mask: np.ndarray) -> np.ndarray | None:
     return components == int(np.argmax(counts))
 
 
-def consecutive_labels(scores: np.ndarray) -> np.ndarray:
-    """Best run of consecutive labels for instances ordered cranio-caudally.
+def cranio_caudal_subset(labels: Sequence[int], weights: Sequence[float]) -> list[int]:
+    """Positions of the heaviest run of instances whose labels strictly increase, cranial to caudal.
 
-    `scores[j, k]` is the mean probability of label index k+1 over instance j (j = 0 is the most cranial).
-    Vertebrae in one field of view are consecutive, so instance j gets label o + j; the offset o
-    maximises the summed log probability (evidence from every level in view, e.g. a sacrum or a C2, fixes
-    the labels of all). Returns the label index (1-based) per instance.
+    `labels[j]` is the level index (1 = most cranial level) of instance j, instances sorted cranial first;
+    `weights[j]` its evidence (probability mass). Levels in one field of view keep their anatomical order,
+    so an instance that contradicts the order of the heavier rest (e.g. an iliac crest called "C7" below
+    L4) is dropped. Weighted longest increasing subsequence, O(n^2) for n <= 25 instances.
     """
-    m, n = scores.shape
-    if m == 0:
-        return np.zeros(0, dtype=int)
-    if m > n:
-        raise PostprocessError(f"{m} vertebrae found but the model has only {n} levels")
-    logp = np.log(np.clip(scores, 1e-6, 1.0))
-    totals = [float(logp[np.arange(m), o + np.arange(m)].sum()) for o in range(n - m + 1)]
-    return 1 + int(np.argmax(totals)) + np.arange(m)
+    n = len(labels)
+    if len(weights) != n:
+        raise PostprocessError(f"{n} labels but {len(weights)} weights")
+    best = [float(w) for w in weights]
+    prev = [-1] * n
+    for j in range(n):
+        for i in range(j):
+            if labels[i] < labels[j] and best[i] + weights[j] > best[j]:
+                best[j], prev[j] = best[i] + float(weights[j]), i
+    keep: list[int] = []
+    j = int(np.argmax(best)) if n else -1
+    while j >= 0:
+        keep.append(j)
+        j = prev[j]
+    return keep[::-1]
 
 
 def vertebrae(probs: np.ndarray, volume: Volume, card: ModelCard,
@@ -142,10 +150,9 @@ def vertebrae(probs: np.ndarray, volume: Volume, card: ModelCard,
     """Softmax probabilities [C, Z, Y, X] (channel 0 background, channel k = LabelSpec.index k).
 
     Argmax, then the largest connected component per label (on the grid the probabilities are on); its
-    mean softmax probability must reach thresholds.probability. With `card.consecutive_levels` the kept
-    instances are then relabelled as one consecutive run, cranial to caudal (`consecutive_labels`). The
-    cleaned label map is mapped back to the source grid (nearest neighbour); centroid and volume are
-    measured there.
+    mean softmax probability must reach thresholds.probability. With `card.ordered_levels` instances out of
+    cranio-caudal order are dropped (`cranio_caudal_subset`). The cleaned label map is mapped back to the
+    source grid (nearest neighbour); centroid and volume are measured there.
     """
     if probs.ndim != 4:
         raise PostprocessError(f"expected softmax probabilities [C, Z, Y, X], got shape {probs.shape}")
@@ -160,18 +167,18 @@ def vertebrae(probs: np.ndarray, volume: Volume, card: ModelCard,
         comp = _largest_component(argmax == spec.index)
         if comp is not None and float(probs[spec.index][comp].mean()) >= card.thresholds.probability:
             instances.append((spec.index, comp))
-    labels = [k for k, _ in instances]
-    if card.consecutive_levels and len(instances) > 1:
-        order_index = [s.index for s in specs]
-        if order_index != list(range(1, len(specs) + 1)):
-            raise PostprocessError("consecutive_levels needs labels indexed 1..N in cranio-caudal order")
+    if card.ordered_levels and len(instances) > 1:
+        if [s.index for s in specs] != list(range(1, len(specs) + 1)):
+            raise PostprocessError("ordered_levels needs labels indexed 1..N in cranio-caudal order")
         # cranio-caudal order by patient z (superior = +z in LPS) of each instance's centre
         scale = (np.asarray(info.target_spacing) / np.asarray(info.source_spacing)) if info is not None else 1.0
         centres = np.array([np.argwhere(comp).mean(axis=0) * scale for _, comp in instances])
         order = np.argsort(-volume.index_to_patient(centres)[:, 2], kind="stable")
         instances = [instances[i] for i in order]
-        scores = np.array([[float(probs[s.index][comp].mean()) for s in specs] for _, comp in instances])
-        labels = [int(v) for v in consecutive_labels(scores)]
+        keep = cranio_caudal_subset([k for k, _ in instances],
+                                    [float(probs[k][comp].sum()) for k, comp in instances])
+        instances = [instances[i] for i in keep]
+    labels = [k for k, _ in instances]
     cleaned = np.zeros(argmax.shape, dtype=dtype)
     mean_prob: dict[int, float] = {}
     for k, (_, comp) in zip(labels, instances, strict=True):

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from training.export import export_onnx
 from training.register import card_fields_for, register_model
 from training.train import TrainConfig, data_split, load_config, train
-from training.transforms import SPINE_VERSE_VALUES
+from training.transforms import SPINE_LEVELS, SPINE_VERSE_VALUES
 
 TASK_ALIASES = {"lung-nodule": "lung-nodule", "lung_nodule_ct": "lung-nodule", "lung-nodule-detection": "lung-nodule",
                 "spine-vertebrae": "spine-vertebrae", "spine_vertebrae_ct": "spine-vertebrae",
@@ -134,7 +134,10 @@ def evaluate(net: torch.nn.Module, card_fields: dict[str, Any], entries: list[di
                           "(training.cli.nodule_candidates), operating point through the gateway's postprocess"}
     summary = aggregate_id_rates(results)
     summary.pop("per_label", None)
-    errors = errors_by_label(results)
+    # plotted per level name, cranial to caudal (the ids are VerSe label values)
+    name = dict(zip((str(v) for v in SPINE_VERSE_VALUES), SPINE_LEVELS, strict=True))
+    by_id = errors_by_label(results)
+    errors = {name.get(k, k): by_id[k] for k in sorted(by_id, key=lambda k: int(k) if k.isdigit() else 99)}
     if figures_dir is not None and errors:
         figures.append(plot_errors(errors, figures_dir / "localisation_errors.png",
                                    title=f"{card.name}: held-out localisation error", threshold_mm=20.0).name)

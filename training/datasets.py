@@ -133,6 +133,10 @@ def generate_dataset(
     datalist: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
     params = {"task": task, "n": n, "seed": seed, "rows": rows, "slices": slices,
               "spacing": list(spacing) if spacing else None, "phantom": phantom}
+    if task == "spine-vertebrae" and not phantom:   # the annotation rule is part of what was generated
+        from training.synthetic.spine_ct import MIN_VISIBLE_FRACTION
+
+        params["min_visible_fraction"] = MIN_VISIBLE_FRACTION
     meta = datalist.setdefault("generation", {})
     reuse = meta.get(section) == params and all(
         (out_dir / e["image"]).is_file() and (out_dir / e["label"]).is_file() for e in datalist.get(section, [])

@@ -70,11 +70,12 @@ def card_fields_for(task: str, name: str | None = None, **overrides: Any) -> dic
             "name": name or "spine_vertebrae_ct",
             "task": "vertebra-labelling",
             "description": "Vertebra labelling in CT (C1-L5 and sacrum): 3-D U-Net, softmax over background + "
-            "25 levels; the largest component of each level is reported with its centroid.",
+            "25 levels; the largest component of each level is reported with its centroid, levels found out of "
+            "cranio-caudal order are dropped.",
             "modality": ["CT"],
             "body_part": ["SPINE", "CSPINE", "TSPINE", "LSPINE", "CHEST", "ABDOMEN"],
             "postprocess": "vertebrae",
-            "consecutive_levels": True,
+            "ordered_levels": True,
             "input": {"name": "image", "spacing_mm": (4.0, 4.0, 4.0), "window": (-500.0, 1300.0),
                       "roi_size": (48, 48, 48), "overlap": 0.25, "batch_size": 1},
             "output": {"name": "logits", "activation": "softmax", "channels": 1 + len(SPINE_LEVELS)},

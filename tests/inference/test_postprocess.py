@@ -8,7 +8,7 @@ import pytest
 from inference.model_card import ModelCard
 from inference.postprocess import (
     PostprocessError,
-    consecutive_labels,
+    cranio_caudal_subset,
     nodules,
     postprocess,
     sigmoid,
@@ -115,43 +115,46 @@ def test_vertebrae_needs_enough_channels(nodule_model):
         vertebrae(np.zeros((2, 4, 4, 4), np.float32), _volume((4, 4, 4)), card)
 
 
-def _three_level_card(nodule_card: ModelCard, consecutive: bool) -> ModelCard:
+def _three_level_card(nodule_card: ModelCard, ordered: bool) -> ModelCard:
     data = _vertebra_card(nodule_card).model_dump()
     level = {"category": {"value": "91723000", "scheme": "SCT", "meaning": "Anatomical structure"}}
     data["labels"].append({"index": 3, "name": "L3", "finding": {"value": "36470004", "scheme": "SCT",
                                                                   "meaning": "Third lumbar vertebra"}, **level})
-    data.update(output={"name": "logits", "activation": "softmax", "channels": 4}, consecutive_levels=consecutive)
+    data.update(output={"name": "logits", "activation": "softmax", "channels": 4}, ordered_levels=ordered)
     return ModelCard.model_validate(data)
 
 
-def test_consecutive_labels_picks_the_best_offset():
-    # two instances, cranial first; columns are L1, L2, L3
-    scores = np.array([[0.3, 0.6, 0.05], [0.6, 0.1, 0.25]])
-    # offsets: L1,L2 -> log .3 + log .1 = -3.51; L2,L3 -> log .6 + log .25 = -1.90
-    np.testing.assert_array_equal(consecutive_labels(scores), [2, 3])
-    np.testing.assert_array_equal(consecutive_labels(np.array([[0.1, 0.2, 0.9]])), [3])
-    assert consecutive_labels(np.zeros((0, 3))).size == 0
+def test_cranio_caudal_subset_keeps_the_heaviest_ordered_run():
+    # cranial first: L1 L2 "L1" L3 -> the stray L1 below L2 contradicts the order and is lighter
+    assert cranio_caudal_subset([1, 2, 1, 3], [5.0, 5.0, 1.0, 5.0]) == [0, 1, 3]
+    # a heavy level out of order wins against two light ones: L3(9) above L1(2), L2(2)
+    assert cranio_caudal_subset([3, 1, 2], [9.0, 2.0, 2.0]) == [0]
+    assert cranio_caudal_subset([3, 1, 2], [3.0, 2.0, 2.0]) == [1, 2]
+    assert cranio_caudal_subset([], []) == []
     with pytest.raises(PostprocessError):
-        consecutive_labels(np.full((4, 3), 0.5))
+        cranio_caudal_subset([1, 2], [1.0])
 
 
-@pytest.mark.parametrize("consecutive", [False, True])
-def test_vertebrae_are_relabelled_as_one_consecutive_run(nodule_model, consecutive):
-    card = _three_level_card(nodule_model.card, consecutive)
-    vol = _volume()
+@pytest.mark.parametrize("ordered", [False, True])
+def test_vertebrae_out_of_order_are_dropped(nodule_model, ordered):
+    card = _three_level_card(nodule_model.card, ordered)
+    vol = _volume((24, 30, 30))
     probs = np.zeros((4, *vol.shape), np.float32)
     probs[0] = 1.0
-    cranial, caudal = (slice(12, 18), slice(10, 20), slice(10, 20)), (slice(2, 8), slice(10, 20), slice(10, 20))
-    probs[(slice(None), *cranial)] = np.array([0.05, 0.3, 0.6, 0.05])[:, None, None, None]   # says L2
-    probs[(slice(None), *caudal)] = np.array([0.05, 0.6, 0.1, 0.25])[:, None, None, None]    # says L1: below L2?
-    findings, label_map = vertebrae(probs, vol, card)
-    by_label = {f.label: f for f in findings}
-    # identity direction, origin z = 50: a higher slice index is more cranial
-    if consecutive:
-        assert set(by_label) == {"L2", "L3"}
-        assert by_label["L3"].centre_mm[2] < by_label["L2"].centre_mm[2]
-        assert by_label["L3"].probability == pytest.approx(0.25)
-        assert label_map[4, 15, 15] == 3 and label_map[14, 15, 15] == 2
+    # identity direction: a higher slice index is more cranial. L1 above L2 (right), and a small "L3" on top
+    blocks = {1: (slice(12, 18), slice(10, 20), slice(10, 20)), 2: (slice(2, 8), slice(10, 20), slice(10, 20)),
+              3: (slice(20, 22), slice(2, 5), slice(2, 5))}
+    for k, box in blocks.items():
+        p = np.full(4, 0.05, np.float32)
+        p[k] = 0.85
+        probs[(slice(None), *box)] = p[:, None, None, None]
+    findings, label_map = vertebrae(probs, vol, card.model_copy(update={
+        "thresholds": card.thresholds.model_copy(update={"min_volume_mm3": 0.0})}))
+    labels = sorted(f.label for f in findings)
+    if ordered:
+        assert labels == ["L1", "L2"]
+        assert label_map[21, 3, 3] == 0
     else:
-        assert set(by_label) == {"L1", "L2"}
-        assert label_map[4, 15, 15] == 1 and label_map[14, 15, 15] == 2
+        assert labels == ["L1", "L2", "L3"]
+        assert label_map[21, 3, 3] == 3
+    assert label_map[15, 15, 15] == 1 and label_map[4, 15, 15] == 2
