@@ -75,6 +75,7 @@ class TrainConfig(_Cfg):
     register_to: Path | None = None
     resume: bool = True
     probability: float = 0.5
+    insert_nodules: float = 0.0              # lung: probability of painting an extra nodule into a patch
     benchmark: bool = True                    # time the exported model on a 300 x 512 x 512 chest CT grid
 
     @model_validator(mode="after")
@@ -262,7 +263,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         load = load_transforms(cfg.task, cfg.spacing_mm, cfg.window)
         cached = load_transforms(cfg.task, cfg.spacing_mm, cfg.window, compact=True,
                                  pad_to=crop_size(cfg.roi_size))
-        augment = augment_transforms(cfg.task, cfg.roi_size, cfg.num_samples, cfg.pos, cfg.neg)
+        augment = augment_transforms(cfg.task, cfg.roi_size, cfg.num_samples, cfg.pos, cfg.neg,
+                                     insert_nodules=cfg.insert_nodules, window=cfg.window, spacing=cfg.spacing_mm)
         train_ds = CacheDataset(train_data, Compose(cached + augment), num_workers=0, progress=False)
         val_volumes = list(CacheDataset(val_data, Compose(load), num_workers=0, progress=False))
         loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=0, drop_last=False)

@@ -163,8 +163,13 @@ def load_transforms(task: str, spacing: Sequence[float], window: Sequence[float]
     return chain
 
 
-def augment_transforms(task: str, roi: Sequence[int], num_samples: int, pos: float, neg: float) -> list:
+def augment_transforms(task: str, roi: Sequence[int], num_samples: int, pos: float, neg: float,
+                       insert_nodules: float = 0.0, window: Sequence[float] = (-1000.0, 400.0),
+                       spacing: Sequence[float] = (1.5, 1.5, 1.5)) -> list:
     """Random part: label-aware patch sampling plus geometric and intensity augmentation.
+
+    `insert_nodules` is the probability that a lung patch gets one extra synthetic nodule
+    (`training.nodule_insertion.RandInsertNoduled`; `window` and `spacing` describe the patch).
 
     Nodules are flipped along every axis and rotated in the axial plane. Vertebrae are only flipped
     left-right (a cranio-caudal flip would swap the levels the network must tell apart) and rotated by
@@ -180,6 +185,10 @@ def augment_transforms(task: str, roi: Sequence[int], num_samples: int, pos: flo
         RandSpatialCropd(keys=KEYS, roi_size=roi, random_size=False),
     ]
     if task == "lung-nodule":
+        if insert_nodules > 0:
+            from training.nodule_insertion import RandInsertNoduled
+
+            chain.append(RandInsertNoduled(KEYS, window, spacing, prob=insert_nodules))
         chain += [
             RandFlipd(keys=KEYS, prob=0.5, spatial_axis=0),
             RandFlipd(keys=KEYS, prob=0.5, spatial_axis=1),

@@ -25,7 +25,7 @@ from training.synthetic.phantom import (
 )
 from training.synthetic.spine_ct import render_disc, render_ribs, render_vertebra, rib_radius, spine_layout
 
-__all__ = ["NODULE_KINDS", "Nodule", "generate_chest_ct"]
+__all__ = ["NODULE_KINDS", "Nodule", "generate_chest_ct", "paint_nodule", "sample_diameter_mm"]
 
 NODULE_KINDS = ("solid", "part-solid", "ground-glass")
 
@@ -138,6 +138,11 @@ def _context_slice(ch: _Chest, x: np.ndarray, y: np.ndarray, z: float, base: np.
     return out, lung
 
 
+def sample_diameter_mm(rng: np.random.Generator) -> float:
+    """Nodule diameter 3-30 mm, skewed to small ones (mean ~10 mm), as in screening cohorts."""
+    return 3.0 + 27.0 * float(rng.beta(1.2, 3.5))
+
+
 def _place_nodules(
     rng: np.random.Generator, ch: _Chest, count: int, z_lo: float, z_hi: float, grid: Grid
 ) -> list[Nodule]:
@@ -149,7 +154,7 @@ def _place_nodules(
     out: list[Nodule] = []
     for _ in range(count):
         for _attempt in range(300):
-            d = float(np.clip(3.0 + 27.0 * rng.beta(1.2, 3.5), 3.0, min(30.0, (z_hi - z_lo) - 2.0)))
+            d = float(np.clip(sample_diameter_mm(rng), 3.0, min(30.0, (z_hi - z_lo) - 2.0)))
             r = d / 2
             jp = bool(rng.uniform() < 0.3)
             kind = str(rng.choice(NODULE_KINDS, p=[0.6, 0.2, 0.2]))
@@ -179,7 +184,7 @@ def _place_nodules(
     return out
 
 
-def _paint_nodule(vol: np.ndarray, labels: np.ndarray, grid: Grid, n: Nodule, rng: np.random.Generator) -> None:
+def paint_nodule(vol: np.ndarray, labels: np.ndarray, grid: Grid, n: Nodule, rng: np.random.Generator) -> None:
     """Paint one lobulated nodule (and label 1 where it is) around its centre."""
     r = n.diameter_mm / 2
     c = np.asarray(n.centre_mm, dtype=np.float32)
@@ -295,6 +300,6 @@ def generate_chest_ct(
     z_lo, z_hi = float(grid.origin[2]) + 2.0, float(grid.origin[2]) + extent - 2.0
     found = _place_nodules(rng, ch, count, z_lo, z_hi, grid)
     for n in found:
-        _paint_nodule(vol, label_map, grid, n, rng)
+        paint_nodule(vol, label_map, grid, n, rng)
     hu = noisy_int16(vol, rng, sigma=float(rng.uniform(15.0, 25.0)))
     return SyntheticVolume(hu, grid.spacing, grid.origin, label_map, found, [], "CHEST")

@@ -1,0 +1,63 @@
+"""Nodule insertion paints a labelled, noisy nodule into lung only."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from training.nodule_insertion import RandInsertNoduled, patch_noise_hu
+
+WINDOW = (-1000.0, 400.0)
+
+
+def _patch(hu_value: float, seed: int = 0, sigma: float = 20.0) -> dict:
+    rng = np.random.default_rng(seed)
+    hu = np.full((1, 32, 40, 40), hu_value, np.float32) + rng.normal(0, sigma, (1, 32, 40, 40)).astype(np.float32)
+    return {"image": (hu - WINDOW[0]) / (WINDOW[1] - WINDOW[0]), "label": np.zeros_like(hu)}
+
+
+def _hu(image) -> np.ndarray:  # noqa: ANN001
+    return WINDOW[0] + np.asarray(image)[0] * (WINDOW[1] - WINDOW[0])
+
+
+def test_inserts_a_labelled_nodule_in_lung() -> None:
+    t = RandInsertNoduled(("image", "label"), WINDOW, (1.5, 1.5, 1.5), prob=1.0)
+    t.set_random_state(3)
+    data = _patch(-850.0)
+    out = t(data)
+    nodule = out["label"][0] > 0
+    assert nodule.sum() >= 4
+    hu = _hu(out["image"])
+    assert hu[nodule].mean() > -750.0                      # denser than the -850 HU lung around it
+    changed = np.abs(hu - _hu(data["image"])) > 1e-3
+    assert np.all(changed[nodule])                         # every labelled voxel was painted
+    # the painted nodule carries the patch's noise (solid interiors are not perfectly flat)
+    core = nodule & (hu > -200)
+    if core.sum() > 20:
+        assert hu[core].std() > 5.0
+
+
+def test_no_lung_no_nodule_and_prob_zero() -> None:
+    tissue = _patch(40.0)
+    t = RandInsertNoduled(("image", "label"), WINDOW, (1.5, 1.5, 1.5), prob=1.0)
+    out = t(dict(tissue))
+    assert out["label"].sum() == 0 and np.array_equal(out["image"], tissue["image"])
+    lung = _patch(-850.0)
+    off = RandInsertNoduled(("image", "label"), WINDOW, (1.5, 1.5, 1.5), prob=0.0)
+    assert off(dict(lung))["label"].sum() == 0
+
+
+def test_deterministic_and_keeps_tensor_type() -> None:
+    outs = []
+    for _ in range(2):
+        t = RandInsertNoduled(("image", "label"), WINDOW, (1.5, 1.5, 1.5), prob=1.0)
+        t.set_random_state(7)
+        d = _patch(-850.0)
+        outs.append(t({"image": torch.from_numpy(d["image"]), "label": torch.from_numpy(d["label"])}))
+    assert isinstance(outs[0]["image"], torch.Tensor)
+    assert torch.equal(outs[0]["image"], outs[1]["image"]) and torch.equal(outs[0]["label"], outs[1]["label"])
+
+
+def test_patch_noise_estimate() -> None:
+    hu = _hu(_patch(-850.0, sigma=20.0)["image"])
+    assert 17.0 < patch_noise_hu(hu, np.ones_like(hu, bool)) < 23.0
