@@ -1,4 +1,4 @@
-"""`python -m benchmarks <inference|ingest|e2e> [--tiny] [--out DIR] [options]`."""
+"""`python -m benchmarks <inference|ingest|e2e|memory> [--tiny] [--out DIR] [options]`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ MODULES = {
     "inference": "benchmarks.inference_bench",
     "ingest": "benchmarks.ingest_bench",
     "e2e": "benchmarks.e2e_bench",
+    "memory": "benchmarks.memory_bench",
 }
 
 

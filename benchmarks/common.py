@@ -239,6 +239,13 @@ def dir_bytes(folder: Path) -> int:
 
 
 # -- synthetic studies ---------------------------------------------------------------------------
+# Every benchmark study has the same voxel size (1 mm slices, 0.7 mm pixels at 512 rows), so cost is compared
+# per slice: with the generator's seeded spacing (0.625-2.5 mm slices) the model grid, and so the inference
+# cost, of two studies with the same slice count differed by up to 4x.
+STUDY_SLICE_MM = 1.0
+STUDY_FOV_MM = 358.4
+
+
 def write_study(out_dir: Path, slices: int, rows: int, seed: int) -> list[Path]:
     """A synthetic axial chest CT series (not patient data) as one file per slice; returns the files.
 
@@ -250,7 +257,8 @@ def write_study(out_dir: Path, slices: int, rows: int, seed: int) -> list[Path]:
         from training.synthetic import write_chest_ct_study
     except ImportError:
         return _noise_study(out_dir, slices, rows, seed)
-    study = write_chest_ct_study(out_dir, seed=seed, slices=slices, rows=rows)
+    px = STUDY_FOV_MM / rows
+    study = write_chest_ct_study(out_dir, seed=seed, slices=slices, rows=rows, spacing=(STUDY_SLICE_MM, px, px))
     return sorted(Path(f) for f in study.files)
 
 

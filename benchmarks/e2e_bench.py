@@ -12,8 +12,10 @@ import argparse
 import concurrent.futures as cf
 import json
 import subprocess
+import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fsync", choices=["on", "off"], default="on")
     p.add_argument("--workers", type=int, default=1, help="dxgate worker.count")
     p.add_argument("--timeout", type=float, default=None, help="seconds to wait for one configuration")
+    p.add_argument("--backend", nargs="+", choices=["onnxruntime", "triton"], default=["onnxruntime"],
+                   help="model backends to compare, each with its own gateway in the same run (triton: a real "
+                        "server from nvidia-pytriton serving the same ONNX over gRPC + system shared memory)")
 
 
 def _models(work: Path) -> tuple[Path, str]:
@@ -127,46 +132,72 @@ def run(args: argparse.Namespace, out: Path, info: dict[str, Any]) -> dict[str, 
                                 env=common.dcmtk_env())
         try:
             common.wait_for_echo(dest_port, "STORESCP", proc=dest)
-            try:
-                gw, cfg = common.start_dxgate(
-                    tmp / "dxgate", models_dir, fsync=args.fsync == "on", quiet_seconds=quiet,
-                    worker={"count": args.workers},
-                    destinations=[{"name": "dest", "ae_title": "STORESCP", "host": "127.0.0.1", "port": dest_port}],
-                    rules=[{"name": "chest", "match": {"modality": ["CT"], "body_part": ["CHEST"]},
-                            "models": ["lung_nodule_ct"], "destinations": ["dest"]}])
-            except (RuntimeError, FileNotFoundError) as exc:
-                result["summary"] = {"dxgate_available": False, "error": str(exc)[-1000:]}
-                common.log(f"dxgate could not start: {str(exc).splitlines()[0]}")
-                _write(result, out)
-                return result
-            try:
-                seed = 1000
-                for slices in slice_list:
-                    for senders in senders_list:
-                        studies = []
-                        for _ in common.progress(range(n), f"write {slices}-slice studies"):
-                            seed += 1
-                            files = common.write_study(tmp / "studies" / str(seed), slices, rows, seed)
-                            studies.append((_study_uid(files[0]), files))
-                        try:
-                            rows_ = _one_config(studies, senders, cfg, od, gw, timeout)
-                        except (TimeoutError, RuntimeError, OSError) as exc:
-                            result.setdefault("errors", []).append(_diagnose(exc, studies, cfg, tmp))
-                            common.log(f"{slices} slices x{senders}: {exc}")
-                            continue
-                        for r in rows_:
-                            r.update(slices=slices, senders=senders)
-                        result["results"] += rows_
-                        result.setdefault("peak_rss_mb", {})[f"{slices}x{senders}"] = common.peak_rss_mb(gw.pid)
-                        common.log(f"{slices} slices x{senders}: "
-                                   f"{common.stats([r['latency_s'] for r in rows_ if r['latency_s']])['p50']} s p50")
-            finally:
-                common.stop(gw)
+            for backend in args.backend:
+                with ExitStack() as stack:
+                    _run_backend(backend, stack, args, result, tmp, models_dir, od, dest_port, quiet, n,
+                                 slice_list, senders_list, rows, timeout)
         finally:
             common.stop(dest)
     result["summary"] = _summary(result)
     _write(result, out)
     return result
+
+
+def _backend_settings(backend: str, stack: ExitStack, models_dir: Path, tmp: Path) -> dict[str, Any]:
+    """dxgate `backends:` for the lung model; starts a Triton server for 'triton' (closed with `stack`)."""
+    if backend == "onnxruntime":
+        return {}
+    if str(common.REPO) not in sys.path:
+        sys.path.insert(0, str(common.REPO))
+    from tests.integration.triton_server import serve_onnx_model
+
+    onnx = next((models_dir / "lung_nodule_ct").glob("*/model.onnx"))
+    ep = stack.enter_context(serve_onnx_model(onnx, "lung_nodule_ct", log_path=tmp / "tritonserver.log"))
+    return {"lung_nodule_ct": {"kind": "triton", "url": ep.grpc_url, "protocol": "grpc", "shared_memory": True}}
+
+
+def _run_backend(backend: str, stack: ExitStack, args: argparse.Namespace, result: dict[str, Any], tmp: Path,
+                 models_dir: Path, od: Path, dest_port: int, quiet: float, n: int, slice_list: list[int],
+                 senders_list: list[int], rows: int, timeout: float) -> None:
+    """All configurations through one gateway whose lung model runs on `backend`."""
+    try:
+        backends = _backend_settings(backend, stack, models_dir, tmp)
+        gw, cfg = common.start_dxgate(
+            tmp / f"dxgate-{backend}", models_dir, fsync=args.fsync == "on", quiet_seconds=quiet,
+            worker={"count": args.workers}, backends=backends,
+            destinations=[{"name": "dest", "ae_title": "STORESCP", "host": "127.0.0.1", "port": dest_port}],
+            rules=[{"name": "chest", "match": {"modality": ["CT"], "body_part": ["CHEST"]},
+                    "models": ["lung_nodule_ct"], "destinations": ["dest"]}])
+    except Exception as exc:  # no gateway (or no Triton server) for this backend: say why, go on
+        result.setdefault("unavailable", {})[backend] = str(exc)[-1000:]
+        common.log(f"{backend}: dxgate could not start: {str(exc).splitlines()[0]}")
+        return
+    try:
+        seed = 1000   # the same studies for every backend
+        for slices in slice_list:
+            for senders in senders_list:
+                studies = []
+                for _ in common.progress(range(n), f"write {slices}-slice studies"):
+                    seed += 1
+                    folder = tmp / "studies" / str(seed)
+                    files = sorted(folder.glob("*.dcm")) or common.write_study(folder, slices, rows, seed)
+                    studies.append((_study_uid(files[0]), files))
+                # a study already sent to the previous backend's gateway is new to this one
+                try:
+                    rows_ = _one_config(studies, senders, cfg, od, gw, timeout)
+                except (TimeoutError, RuntimeError, OSError) as exc:
+                    result.setdefault("errors", []).append(_diagnose(exc, studies, cfg, tmp / f"dxgate-{backend}"))
+                    common.log(f"{backend} {slices} slices x{senders}: {exc}")
+                    continue
+                for r in rows_:
+                    r.update(slices=slices, senders=senders, backend=backend)
+                result["results"] += rows_
+                key = f"{slices}x{senders}" if backend == "onnxruntime" else f"{backend} {slices}x{senders}"
+                result.setdefault("peak_rss_mb", {})[key] = common.peak_rss_mb(gw.pid)
+                common.log(f"{backend} {slices} slices x{senders}: "
+                           f"{common.stats([r['latency_s'] for r in rows_ if r['latency_s']])['p50']} s p50")
+    finally:
+        common.stop(gw)
 
 
 def _diagnose(exc: Exception, studies: list[tuple[str, list[Path]]], cfg: dict[str, Any], tmp: Path) -> dict:
@@ -180,7 +211,7 @@ def _diagnose(exc: Exception, studies: list[tuple[str, list[Path]]], cfg: dict[s
                                     for j in study.get("jobs", [])]}
         except OSError as err:
             states[uid] = {"error": str(err)}
-    log_path = tmp / "dxgate" / "dxgate.log"
+    log_path = tmp / "dxgate.log"
     tail = log_path.read_text(errors="replace")[-3000:] if log_path.exists() else ""
     return {"error": f"{type(exc).__name__}: {exc}", "studies": states, "dxgate_log_tail": tail}
 
@@ -192,15 +223,26 @@ def _study_uid(path: Path) -> str:
 
 
 def _summary(result: dict[str, Any]) -> dict[str, Any]:
-    groups: dict[str, Any] = {"dxgate_available": True}
-    for key in sorted({(r["slices"], r["senders"]) for r in result["results"]}):
-        rs = [r for r in result["results"] if (r["slices"], r["senders"]) == key]
+    unavailable = result.get("unavailable", {})
+    groups: dict[str, Any] = {"dxgate_available": bool(result["results"]) or not unavailable}
+    if unavailable:
+        groups["error"] = "; ".join(f"{k}: {v}" for k, v in unavailable.items())
+    keys = sorted({(r.get("backend", "onnxruntime"), r["slices"], r["senders"]) for r in result["results"]},
+                  key=lambda k: (k[0] != "onnxruntime", k))
+    for backend, slices, senders in keys:
+        rs = [r for r in result["results"] if (r.get("backend", "onnxruntime"), r["slices"], r["senders"])
+              == (backend, slices, senders)]
         lat = [r["latency_s"] for r in rs if r["latency_s"] is not None]
         stage_p50 = {s: common.stats([r["stage_seconds"][s] for r in rs
                                       if r["stage_seconds"].get(s) is not None])["p50"] for s in STAGES}
-        groups[f"{key[0]} slices x{key[1]} senders"] = {
-            "latency_s": common.stats(lat), "done": sum(r["state"] == "DONE" for r in rs), "studies": len(rs),
-            "stage_p50_s": stage_p50, "peak_rss_mb": result.get("peak_rss_mb", {}).get(f"{key[0]}x{key[1]}")}
+        rss_key = f"{slices}x{senders}" if backend == "onnxruntime" else f"{backend} {slices}x{senders}"
+        name = f"{slices} slices x{senders} senders" + ("" if backend == "onnxruntime" else f" [{backend}]")
+        groups[name] = {
+            "backend": backend, "latency_s": common.stats(lat), "done": sum(r["state"] == "DONE" for r in rs),
+            "studies": len(rs), "stage_p50_s": stage_p50, "peak_rss_mb": result.get("peak_rss_mb", {}).get(rss_key)}
+        base = groups.get(f"{slices} slices x{senders} senders")
+        if backend != "onnxruntime" and base and base["latency_s"]["p50"] and groups[name]["latency_s"]["p50"]:
+            groups[name]["p50_vs_onnxruntime"] = groups[name]["latency_s"]["p50"] / base["latency_s"]["p50"]
     return groups
 
 
@@ -208,16 +250,17 @@ def _write(result: dict[str, Any], out: Path) -> None:
     common.write_json(out / f"{NAME}.json", result)
     groups = {k: v for k, v in result["summary"].items() if isinstance(v, dict) and "latency_s" in v}
     table = [{"configuration": k, "done/studies": f"{v['done']}/{v['studies']}", "p50 s": v["latency_s"]["p50"],
-              "p95 s": v["latency_s"]["p95"], "p99 s": v["latency_s"]["p99"], "peak RSS MiB": v["peak_rss_mb"]}
-             for k, v in groups.items()]
+              "p95 s": v["latency_s"]["p95"], "p99 s": v["latency_s"]["p99"], "peak RSS MiB": v["peak_rss_mb"],
+              "p50 vs in-process": v.get("p50_vs_onnxruntime")} for k, v in groups.items()]
     stages = [{"configuration": k, **{s: v["stage_p50_s"][s] for s in STAGES}} for k, v in groups.items()]
     sections = [("Latency: last C-STORE response -> last result stored",
-                 common.md_table(table, ["configuration", "done/studies", "p50 s", "p95 s", "p99 s", "peak RSS MiB"])),
+                 common.md_table(table, ["configuration", "done/studies", "p50 s", "p95 s", "p99 s", "peak RSS MiB",
+                                         "p50 vs in-process"])),
                 ("Per-stage p50 seconds (job API stage_seconds)", common.md_table(stages, ["configuration", *STAGES]))]
     for err in result.get("errors", []):
         sections.append(("Error", f"{err['error']}\n\n```\n{json.dumps(err['studies'], indent=1)[:3000]}\n```"))
-    if not result["summary"].get("dxgate_available", True):
-        sections = [("Not run", f"dxgate serve could not start:\n\n```\n{result['summary'].get('error')}\n```")]
+    if result["summary"].get("error"):
+        sections.append(("Not run", f"dxgate serve could not start:\n\n```\n{result['summary'].get('error')}\n```"))
     common.write_markdown(out / f"{NAME}.md", "End-to-end latency", result, sections)
     labels = list(groups) or ["(no data)"]
     values = [v["latency_s"]["p50"] or 0.0 for v in groups.values()] or [0.0]

@@ -21,6 +21,7 @@ from dicom_gateway.logs import configure_logging
 from dicom_gateway.settings import Settings
 from dicom_gateway.worker import LoadedModel, Worker
 from inference.backends.factory import make_backend
+from inference.device_preprocess import device_preprocessor_for
 from inference.errors import InferenceError
 from inference.model_repo import discover_models
 from inference.pipeline import ModelRunner
@@ -47,7 +48,8 @@ def load_models(settings: Settings) -> dict[str, LoadedModel]:
             backend = make_backend(model, kind, **options)
         except InferenceError as exc:
             raise ConfigError(f"model {name}: backend {kind} cannot start: {exc}") from exc
-        loaded[name] = LoadedModel(model=model, runner=ModelRunner(model, backend))
+        pre = device_preprocessor_for(backend) if (opts is None or opts.device_preprocess) else None
+        loaded[name] = LoadedModel(model=model, runner=ModelRunner(model, backend, preprocessor=pre))
         log.info("model loaded", extra={"model": name, "reason": f"version {model.version} backend {kind}"})
     wanted = {m for rule in settings.rules for m in rule.models}
     for name in sorted(wanted - set(loaded)):

@@ -88,6 +88,7 @@ class BackendSettings(_Strict):
     shared_memory: bool = False
     providers: list[str] | None = None  # onnxruntime: None = best available (TensorRT, CUDA, CPU)
     intra_op_threads: int = Field(default=0, ge=0)  # 0 = ORT default (all cores)
+    device_preprocess: bool = True  # onnxruntime on CUDA: resample + window on the GPU too
 
 
 def default_rules() -> list[Rule]:

@@ -8,16 +8,21 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+
 from inference.backends.base import Backend
 from inference.errors import BackendError, InferenceError, VolumeError
 from inference.findings import InferenceResult
+from inference.model_card import ModelCard
 from inference.model_repo import RegisteredModel
 from inference.postprocess import PostprocessError, postprocess
-from inference.preprocess import PreprocessError, preprocess
+from inference.preprocess import PreprocessError, ResampleInfo, preprocess
 from inference.sliding_window import sliding_window_infer
-from inference.volume import load_series
+from inference.volume import Volume, load_series
 
 log = logging.getLogger(__name__)
+
+Preprocessor = Callable[[Volume, ModelCard], tuple[np.ndarray, ResampleInfo]]
 
 STAGES = ("load", "preprocess", "infer", "postprocess")
 _STAGE_ERRORS: dict[str, type[InferenceError]] = {
@@ -47,11 +52,12 @@ def _stage(name: str, seconds: dict[str, float]) -> Iterator[None]:
 class ModelRunner:
     """Runs one registered model on one series with a warm backend (the backend is owned by the caller)."""
 
-    def __init__(self, model: RegisteredModel, backend: Backend,
-                 blend_mode: str = "gaussian") -> None:
+    def __init__(self, model: RegisteredModel, backend: Backend, blend_mode: str = "gaussian",
+                 preprocessor: Preprocessor | None = None) -> None:
         self.model = model
         self.backend = backend
         self.blend_mode = blend_mode
+        self.preprocessor: Preprocessor = preprocessor or preprocess   # e.g. DevicePreprocessor on CUDA
 
     def run(self, paths: Sequence[Path], progress: Callable[[str], None] | None = None) -> InferenceResult:
         """Load, preprocess, infer and postprocess one series; `stage_seconds` has one entry per stage."""
@@ -62,7 +68,7 @@ class ModelRunner:
         if progress:
             progress("load")
         with _stage("preprocess", seconds):
-            image, info = preprocess(volume, card)
+            image, info = self.preprocessor(volume, card)
         if progress:
             progress("preprocess")
         with _stage("infer", seconds):

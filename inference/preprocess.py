@@ -36,6 +36,14 @@ class ResampleInfo:
     target_spacing: tuple[float, float, float]   # (z, y, x) mm
     model_shape: tuple[int, int, int]
 
+    @classmethod
+    def of(cls, volume: Volume, target_spacing: Sequence[float], model_shape: Sequence[int]) -> ResampleInfo:
+        """The mapping between `volume`'s grid and a model grid of `target_spacing` and `model_shape`."""
+        return cls(source_shape=volume.shape,
+                   source_spacing=tuple(float(s) for s in volume.spacing),  # type: ignore[arg-type]
+                   target_spacing=tuple(float(s) for s in target_spacing),  # type: ignore[arg-type]
+                   model_shape=tuple(int(s) for s in model_shape))  # type: ignore[arg-type]
+
     @property
     def identity(self) -> bool:
         return self.source_shape == self.model_shape and np.allclose(
@@ -72,11 +80,13 @@ def resample(volume_zyx: np.ndarray, spacing: Sequence[float], target_spacing: S
     if any(float(t) <= 0 for t in target_spacing) or any(float(s) <= 0 for s in spacing):
         raise PreprocessError(f"spacings must be positive: {tuple(spacing)} -> {tuple(target_spacing)}")
     out_shape = resampled_shape(volume_zyx.shape, spacing, target_spacing)
-    src = volume_zyx.astype(np.float32, copy=False)
-    if out_shape == src.shape and np.allclose(spacing, target_spacing, rtol=_SAME_SPACING_RTOL):
-        return src.copy()
+    if out_shape == volume_zyx.shape and np.allclose(spacing, target_spacing, rtol=_SAME_SPACING_RTOL):
+        return volume_zyx.astype(np.float32)   # always a new array
     scale = np.asarray(target_spacing, dtype=np.float64) / np.asarray(spacing, dtype=np.float64)
-    return _grid_map(src, scale, out_shape, order).astype(np.float32, copy=False)
+    # int16 / float32 sources are read in place (no float copy of the whole study); output float32
+    src = volume_zyx if volume_zyx.dtype in (np.int16, np.float32) else volume_zyx.astype(np.float32)
+    out = _grid_map(src, scale, out_shape, order)
+    return out if out.dtype == np.float32 else out.astype(np.float32)
 
 
 def window(arr: np.ndarray, low: float, high: float, out: np.ndarray | None = None) -> np.ndarray:
@@ -98,13 +108,7 @@ def preprocess(volume: Volume, card: ModelCard) -> tuple[np.ndarray, ResampleInf
     target = tuple(float(s) for s in card.input.spacing_mm)
     image = resample(volume.voxels, volume.spacing, target, order=1)   # a new array: windowing in place is safe
     window(image, *card.input.window, out=image)
-    info = ResampleInfo(
-        source_shape=volume.shape,
-        source_spacing=tuple(float(s) for s in volume.spacing),  # type: ignore[arg-type]
-        target_spacing=target,  # type: ignore[arg-type]
-        model_shape=tuple(int(s) for s in image.shape),  # type: ignore[arg-type]
-    )
-    return image, info
+    return image, ResampleInfo.of(volume, target, image.shape)
 
 
 def to_source_grid(label_or_prob_map: np.ndarray, info: ResampleInfo,

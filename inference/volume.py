@@ -43,7 +43,7 @@ _GAP_FACTOR = 1.5           # a gap larger than 1.5x the median step means missi
 class Volume:
     """HU (or modality-LUT) voxels [Z, Y, X] plus the geometry needed to map indices to patient mm."""
 
-    voxels: np.ndarray                          # float32 [Z, Y, X]
+    voxels: np.ndarray                          # [Z, Y, X] HU: int16 when exact, else float32
     spacing: tuple[float, float, float]         # (z, y, x) mm
     origin: np.ndarray                          # (3,) patient x, y, z of voxel [0, 0, 0]
     direction: np.ndarray                       # (3, 3) columns: patient direction of +x, +y, +z
@@ -198,25 +198,35 @@ def _check_not_sheared(headers: list[_Header], normal: np.ndarray, pixel: tuple[
         raise VolumeError(f"slices drift {drift:.2f} mm in-plane (gantry tilt?); sheared volumes are not supported")
 
 
-def _decode_into(slot: np.ndarray, h: _Header) -> None:
-    """Decode one slice (any transfer syntax pydicom's plugins handle) and write HU into `slot`."""
+_INT16 = np.iinfo(np.int16)
+
+
+def _integral_rescale(ds: Dataset) -> bool:
+    """True when HU = stored * slope + intercept stays integral (slope, intercept whole numbers; no LUT)."""
+    if "ModalityLUTSequence" in ds:
+        return False
+    slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+    return slope.is_integer() and intercept.is_integer()
+
+
+def _decode_hu(h: _Header) -> np.ndarray:
+    """HU of one slice (PS3.3 C.11.1 Modality LUT / C.7.6.16.2.9 rescale): int32 when exact, else float32."""
     try:
         raw = pixel_array(h.path)
     except Exception as exc:  # decoder plugins raise many types (RuntimeError, ValueError, ...)
         raise VolumeError(f"{h.path.name}: pixel data cannot be decoded ({type(exc).__name__}: {exc})") from exc
-    if raw.shape != slot.shape:
-        raise VolumeError(f"{h.path.name}: decoded shape {raw.shape} differs from {slot.shape}")
     if "ModalityLUTSequence" in h.ds:
-        slot[...] = apply_modality_lut(raw, h.ds)
-        return
+        return np.asarray(apply_modality_lut(raw, h.ds), dtype=np.float32)
     slope = float(h.ds.get("RescaleSlope", 1) or 1)
     intercept = float(h.ds.get("RescaleIntercept", 0) or 0)
-    np.multiply(raw, slope, out=slot, casting="unsafe")
-    slot += intercept
+    if _integral_rescale(h.ds):
+        return raw.astype(np.int32) * int(slope) + int(intercept)
+    return raw.astype(np.float32) * np.float32(slope) + np.float32(intercept)
 
 
 def load_series(paths: Sequence[Path], expected_modality: Sequence[str] | None = None) -> Volume:
-    """Read one single-frame image series into a float32 HU volume sorted along the slice normal.
+    """Read one single-frame image series into an HU volume (int16 when exact, else float32) sorted along
+    the slice normal.
 
     Raises WrongModalityError when Modality is not in `expected_modality` and VolumeError for mixed
     series, missing or duplicate positions, irregular gaps, a single slice, or undecodable pixels.
@@ -236,9 +246,16 @@ def load_series(paths: Sequence[Path], expected_modality: Sequence[str] | None =
     study_uid = _check_same(headers, "StudyInstanceUID")
 
     rows, cols = int(headers[0].ds.Rows), int(headers[0].ds.Columns)
-    voxels = np.empty((len(headers), rows, cols), dtype=np.float32)
+    # int16 HU when every slice maps exactly (the usual CT: 12-bit stored values, slope 1): half the memory
+    exact = all(_integral_rescale(h.ds) for h in headers)
+    voxels = np.empty((len(headers), rows, cols), dtype=np.int16 if exact else np.float32)
     for i, h in enumerate(headers):
-        _decode_into(voxels[i], h)
+        hu = _decode_hu(h)
+        if hu.shape != (rows, cols):
+            raise VolumeError(f"{h.path.name}: decoded shape {hu.shape} differs from {(rows, cols)}")
+        if voxels.dtype == np.int16 and (int(hu.min()) < _INT16.min or int(hu.max()) > _INT16.max):
+            voxels = voxels.astype(np.float32)   # rare: HU beyond int16 (e.g. 16-bit unsigned stored values)
+        voxels[i] = hu
     direction = np.stack([row_col[:3], row_col[3:], normal], axis=1)
     origin = _floats(headers[0].ds, "ImagePositionPatient", 3, headers[0].path)
     log.info("loaded series %s: %d slices %dx%d, spacing %.3f/%.3f/%.3f mm",

@@ -62,13 +62,28 @@ def test_e2e_tiny(tmp_path: Path) -> None:
     _need_dcmtk()
     if shutil.which("dciodvfy") is None:
         pytest.skip("dicom3tools (dciodvfy) is needed by the gateway's validation stage")
-    data = _run("e2e", tmp_path, "--timeout", "180")
-    if not data["summary"].get("dxgate_available", True):
-        pytest.skip("dxgate serve could not start: " + str(data["summary"].get("error", ""))[:500])
+    data = _run("e2e", tmp_path, "--timeout", "180", "--backend", "onnxruntime", "triton")
+    if "onnxruntime" in data.get("unavailable", {}):
+        pytest.skip("dxgate serve could not start: " + data["unavailable"]["onnxruntime"][:500])
     assert not data.get("errors"), data.get("errors")
     assert {"quiet_seconds", "fsync", "senders", "slices"} <= set(data["settings"])
-    group = next(v for v in data["summary"].values() if isinstance(v, dict))
-    assert group["done"] == group["studies"] == 2
-    assert {"p50", "p95", "p99"} <= set(group["latency_s"]) and group["latency_s"]["n"] == 2
-    assert group["peak_rss_mb"] and group["peak_rss_mb"] > 0
+    groups = {v["backend"]: v for v in data["summary"].values() if isinstance(v, dict)}
+    for group in groups.values():
+        assert group["done"] == group["studies"] == 2
+        assert {"p50", "p95", "p99"} <= set(group["latency_s"]) and group["latency_s"]["n"] == 2
+        assert group["peak_rss_mb"] and group["peak_rss_mb"] > 0
     assert all(r["stage_seconds"].get("infer") is not None for r in data["results"])
+    if "triton" in data.get("unavailable", {}):
+        pytest.skip("Triton server unavailable: " + data["unavailable"]["triton"][:500])
+    assert groups["triton"]["p50_vs_onnxruntime"] > 0   # the same studies through a real Triton server
+
+
+def test_memory_tiny(tmp_path: Path) -> None:
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dicom3tools (dciodvfy) is needed by the validation stage")
+    data = _run("memory", tmp_path)
+    (row,) = data["results"]
+    assert row["slices"] == 16 and row["voxel_mib"] > 0
+    assert set(row["stages"]) == {"load", "preprocess", "infer", "postprocess", "headers", "encode_seg",
+                                  "encode_sr", "encode_gsps", "validate"}
+    assert row["peak_mib"] >= row["baseline_mib"] > 0 and row["job_peak_x_voxels"] >= 0

@@ -158,3 +158,30 @@ def test_vertebrae_out_of_order_are_dropped(nodule_model, ordered):
         assert labels == ["L1", "L2", "L3"]
         assert label_map[21, 3, 3] == 3
     assert label_map[15, 15, 15] == 1 and label_map[4, 15, 15] == 2
+
+
+@pytest.mark.parametrize("spacing", [(2.0, 1.0, 1.0), (1.25, 0.7, 0.7), (3.0, 2.0, 2.0)])
+def test_nodule_components_equal_those_of_the_whole_interpolated_map(nodule_model, spacing):
+    from scipy import ndimage
+
+    from inference.postprocess import nodules
+    from inference.preprocess import ResampleInfo, resampled_shape, to_source_grid
+
+    vol = _volume((40, 50, 46), spacing)
+    model_shape = resampled_shape(vol.shape, spacing, (2.0, 2.0, 2.0))
+    info = ResampleInfo.of(vol, (2.0, 2.0, 2.0), model_shape)
+    rng = np.random.default_rng(4)
+    prob = ndimage.gaussian_filter(rng.random(model_shape).astype(np.float32), 1.2)
+    prob = (prob - prob.min()) / (prob.max() - prob.min())          # many blobs of all sizes near 0.5
+    card = nodule_model.card.model_copy(update={"thresholds": nodule_model.card.thresholds.model_copy(
+        update={"probability": 0.6, "min_diameter_mm": 0.0, "min_volume_mm3": 0.0})})
+    found, label_map = nodules(prob, vol, card, info)
+    full = to_source_grid(prob, info, vol.shape, order=1)            # the reference: label the whole map
+    comps, n = ndimage.label(full > 0.6, structure=np.ones((3, 3, 3), bool))
+    assert n > 3 and len(found) == n
+    np.testing.assert_array_equal(label_map > 0, comps > 0)
+    ids = np.arange(1, n + 1)
+    ref = sorted(zip(ndimage.maximum(full, comps, ids), np.bincount(comps.ravel())[1:], strict=True), reverse=True)
+    got = [(f.probability, round(f.volume_mm3 / vol.voxel_volume_mm3)) for f in found]
+    np.testing.assert_allclose([g[0] for g in got], [r[0] for r in ref], rtol=1e-6)
+    assert sorted(g[1] for g in got) == sorted(int(r[1]) for r in ref)

@@ -22,7 +22,7 @@ def test_axial_series_sorted_with_spacing_from_positions(series_writer):
     paths = series_writer(shape=(12, 24, 20), spacing=(2.5, 0.8, 0.7), sphere_mm=None)
     vol = load_series(paths, expected_modality=["CT"])
 
-    assert vol.voxels.dtype == np.float32 and vol.voxels.shape == (12, 24, 20)
+    assert vol.voxels.dtype == np.int16 and vol.voxels.shape == (12, 24, 20)   # exact HU: half of float32
     assert vol.spacing == pytest.approx((2.5, 0.8, 0.7))  # not SliceThickness (5.0)
     assert vol.modality == "CT" and vol.frame_of_reference_uid and vol.series_instance_uid
     by_uid = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: _ipp(p) for p in paths}
@@ -63,6 +63,36 @@ def test_rle_compressed_series_decodes_like_uncompressed(tmp_path):
     rle = load_series(write_series(tmp_path / "rle", seed=3, compress=True))
     np.testing.assert_array_equal(plain.voxels, rle.voxels)
     assert rle.voxels.max() == SPHERE_HU
+
+
+def _rewrite(paths, edit) -> list[Path]:  # noqa: ANN001
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        edit(ds)
+        ds.save_as(p, enforce_file_format=True)
+    return paths
+
+
+def test_fractional_rescale_gives_float32_hu(series_writer):
+    exact = load_series(series_writer("exact", seed=4))
+    def halve(ds):  # noqa: ANN001, ANN202
+        ds.RescaleSlope, ds.RescaleIntercept = 0.5, -512.25
+    vol = load_series(_rewrite(series_writer("half", seed=4), halve))
+    assert vol.voxels.dtype == np.float32
+    np.testing.assert_allclose(vol.voxels, (exact.voxels.astype(np.float64) + 1024) * 0.5 - 512.25, atol=1e-3)
+
+
+def test_hu_beyond_int16_falls_back_to_float32(series_writer):
+    def unsigned_high(ds):  # noqa: ANN001, ANN202
+        arr = ds.pixel_array.astype(np.int32)
+        ds.PixelRepresentation = 0
+        if int(ds.InstanceNumber) == 3:
+            arr[0, 0] = 60000   # stored 60000 - 1024 = 58976 HU does not fit int16
+        ds.PixelData = np.clip(arr, 0, 65535).astype(np.uint16).tobytes()
+    vol = load_series(_rewrite(series_writer("u16", seed=5), unsigned_high))
+    assert vol.voxels.dtype == np.float32
+    assert float(vol.voxels.max()) == 60000 - 1024
+    assert abs(float(np.median(vol.voxels)) - BACKGROUND_HU) < 5
 
 
 def test_wrong_modality(series_writer):
