@@ -121,8 +121,10 @@ class DevicePreprocessor:
 
 def device_preprocessor_for(backend: object) -> DevicePreprocessor | None:
     """A DevicePreprocessor when `backend` is an ONNX Runtime session on CUDA / TensorRT, else None."""
+    from inference.backends.onnxruntime_backend import GPU_PROVIDERS
+
     providers = getattr(backend, "providers", None)
-    if not providers or providers[0] not in ("TensorrtExecutionProvider", "CUDAExecutionProvider"):
+    if not providers or providers[0] not in GPU_PROVIDERS:
         return None
     try:
         pre = DevicePreprocessor()

@@ -13,7 +13,7 @@ from inference.errors import BackendError
 log = logging.getLogger(__name__)
 
 _PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-_GPU_PROVIDERS = {"TensorrtExecutionProvider", "CUDAExecutionProvider"}
+GPU_PROVIDERS = {"TensorrtExecutionProvider", "CUDAExecutionProvider"}
 
 
 def default_providers() -> list[str]:
@@ -47,7 +47,7 @@ class OnnxRuntimeBackend:
         self.input_names = [i.name for i in self._session.get_inputs()]
         self.output_names = [o.name for o in self._session.get_outputs()]
         self._providers = list(self._session.get_providers())
-        self._use_io_binding = self._providers[0] in _GPU_PROVIDERS
+        self._use_io_binding = self._providers[0] in GPU_PROVIDERS
         log.info("model %s: onnxruntime session on %s", name, self._session.get_providers())
 
     @property
