@@ -52,6 +52,10 @@ class Thresholds(_Strict):
     probability: float = Field(default=0.5, gt=0, lt=1)
     min_diameter_mm: float = Field(default=0.0, ge=0)
     min_volume_mm3: float = Field(default=0.0, ge=0)
+    # a finding whose mean attenuation is below min_mean_hu is air, not tissue (e.g. noise outside the
+    # body); above max_mean_hu it is bone or calcification
+    min_mean_hu: float | None = None
+    max_mean_hu: float | None = None
 
 
 class SeriesPreference(_Strict):

@@ -111,8 +111,8 @@ def nodules(prob: np.ndarray, volume: Volume, card: ModelCard,
 
     With `info` the map is on the model grid; components are those of its linear interpolation onto the
     source grid (`source_components`); without it, it must already be on the source grid. Components whose
-    voxels exceed thresholds.probability and pass min_diameter_mm / min_volume_mm3 become findings, sorted
-    by max probability (descending).
+    voxels exceed thresholds.probability and pass min_diameter_mm / min_volume_mm3 / min_mean_hu and
+    max_mean_hu (mean source HU of the component) become findings, sorted by max probability (descending).
     """
     prob = prob[0] if prob.ndim == 4 and prob.shape[0] == 1 else prob
     spec = card.labels[0]
@@ -134,6 +134,11 @@ def nodules(prob: np.ndarray, volume: Volume, card: ModelCard,
         f = _finding(volume, spec, centre, float(local[mask].max()), len(idx), with_diameter=True)
         if f.diameter_mm < th.min_diameter_mm or f.volume_mm3 < th.min_volume_mm3:  # type: ignore[operator]
             continue
+        if th.min_mean_hu is not None or th.max_mean_hu is not None:
+            mean_hu = float(volume.voxels[box][mask].mean())
+            if mean_hu < (th.min_mean_hu if th.min_mean_hu is not None else -np.inf) or \
+                    mean_hu > (th.max_mean_hu if th.max_mean_hu is not None else np.inf):
+                continue
         label_map[box][mask] = spec.index
         found.append(f)
     found.sort(key=lambda f: -f.probability)

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from training.export import export_onnx
 from training.register import card_fields_for, register_model
-from training.train import TrainConfig, data_split, load_config, train
+from training.train import TrainConfig, cpu_has_bf16, data_split, load_config, make_loss, train
 from training.transforms import SPINE_LEVELS, SPINE_VERSE_VALUES
 
 TASK_ALIASES = {"lung-nodule": "lung-nodule", "lung_nodule_ct": "lung-nodule", "lung-nodule-detection": "lung-nodule",
@@ -57,13 +57,19 @@ def _volume(entry: dict[str, Any]) -> Any:
                   modality="CT", frame_of_reference_uid="2.25.1")
 
 
-def nodule_candidates(logits: np.ndarray, volume: Any, info: Any, floor: float = 0.05,
-                      limit: int = 500) -> list[tuple[tuple[float, float, float], float]]:
+CANDIDATE_FLOOR = 0.05  # FROC candidates: components of the probability map above this
+OPERATING_FLOOR = 0.5   # the card's threshold is chosen at or above this
+
+
+def nodule_candidates(logits: np.ndarray, volume: Any, info: Any, floor: float = CANDIDATE_FLOOR,
+                      limit: int = 500, hu: np.ndarray | None = None, min_mean_hu: float | None = None,
+                      max_mean_hu: float | None = None) -> list[tuple[tuple[float, float, float], float]]:
     """FROC candidates from the model-grid map: components at p > floor, (centre mm, max probability).
 
     Measured on the model grid (mapping a 0.05-thresholded map back to a 512-row source grid costs
-    minutes); the operating point itself is scored through the gateway's postprocess. Keeps the `limit`
-    most probable components.
+    minutes); the operating point itself is scored through the gateway's postprocess. With `hu` (the
+    model-grid image in HU) components averaging below `min_mean_hu` or above `max_mean_hu` are dropped,
+    as the gateway's postprocess does. Keeps the `limit` most probable components.
     """
     from scipy import ndimage
 
@@ -75,39 +81,96 @@ def nodule_candidates(logits: np.ndarray, volume: Any, info: Any, floor: float =
         return []
     ids = np.arange(1, n + 1)
     maxima = np.asarray(ndimage.maximum(prob, components, ids))
-    keep = ids[np.argsort(-maxima)[:limit]]
+    if hu is not None and (min_mean_hu is not None or max_mean_hu is not None):
+        mean_hu = np.asarray(ndimage.mean(hu, components, ids))
+        low = -np.inf if min_mean_hu is None else min_mean_hu
+        high = np.inf if max_mean_hu is None else max_mean_hu
+        maxima[(mean_hu < low) | (mean_hu > high)] = -1.0
+        ids = ids[maxima >= 0]
+        if ids.size == 0:
+            return []
+    keep = ids[np.argsort(-maxima[ids - 1])[:limit]]
     centres = np.asarray(ndimage.center_of_mass(prob, components, keep), dtype=float).reshape(-1, 3)
     source_index = centres * (np.asarray(info.target_spacing) / np.asarray(info.source_spacing))
     return [(tuple(float(v) for v in volume.index_to_patient(c)), float(maxima[k - 1]))  # type: ignore[misc]
             for c, k in zip(source_index, keep, strict=True)]
 
 
-def evaluate(net: torch.nn.Module, card_fields: dict[str, Any], entries: list[dict[str, Any]],
-             test_seed: int, figures_dir: Path | None = None) -> dict[str, Any]:
-    """Held-out figures through the gateway's own preprocess / sliding window / postprocess.
+def _infer_case(entry: dict[str, Any], card: Any, backend: Any) -> tuple[Any, np.ndarray, Any, np.ndarray]:
+    """One case through the gateway's preprocess and sliding window: (volume, image, info, logits)."""
+    from inference.preprocess import preprocess
+    from inference.sliding_window import sliding_window_infer
 
-    With `figures_dir`, the FROC curve (nodules) or the localisation errors per level (vertebrae) are
-    saved there as PNG and listed under "figures".
+    volume = _volume(entry)
+    image, info = preprocess(volume, card)
+    logits = sliding_window_infer(image, backend, "image", "logits", card.input.roi_size, card.input.overlap,
+                                  4, card.output.channels)
+    return volume, image, info, logits
+
+
+def _curve_candidates(logits: np.ndarray, volume: Any, info: Any, image: np.ndarray, card: Any
+                      ) -> list[tuple[tuple[float, float, float], float]]:
+    low, high = card.input.window
+    hu = low + np.asarray(image, dtype=np.float32) * (high - low)  # windowed [0, 1] -> HU (clipped)
+    return nodule_candidates(logits, volume, info, hu=hu, min_mean_hu=card.thresholds.min_mean_hu,
+                             max_mean_hu=card.thresholds.max_mean_hu)
+
+
+def choose_operating_point(card_fields: dict[str, Any], entries: list[dict[str, Any]], backend: Any,
+                           fp_per_scan: float, floor: float = OPERATING_FLOOR) -> dict[str, Any]:
+    """The lowest probability threshold (>= `floor`) at which the calibration scans have at most
+    `fp_per_scan` false positives per scan (LUNA16 matching), with the sensitivity there.
+
+    Findings come from the gateway's own postprocess at `floor` (components on the source grid, whose
+    peak probabilities are lower than the model grid's after interpolation), so the threshold means the
+    same thing where it is applied. Never chosen on held-out data.
     """
     from inference.model_card import ModelCard
     from inference.postprocess import postprocess
-    from inference.preprocess import preprocess
-    from inference.sliding_window import sliding_window_infer
+    from training.metrics.froc import froc_cpm
+
+    fields = {**card_fields, "thresholds": {**card_fields["thresholds"], "probability": floor}}
+    card = ModelCard.model_validate({**fields, "version": "calibration", "weights_sha256": "0" * 64})
+    preds, truths = [], []
+    for entry in entries:
+        volume, _, info, logits = _infer_case(entry, card, backend)
+        found, _ = postprocess(logits, volume, card, info)
+        preds.append([(f.centre_mm, f.probability) for f in found])
+        truths.append([(n["centre_mm"], n["diameter_mm"]) for n in entry["nodules"]])
+    froc = froc_cpm(preds, truths)
+    within = np.flatnonzero(froc.fps <= fp_per_scan)
+    k = int(within[-1]) if within.size else 0
+    # cut halfway between the last finding kept and the first one dropped (the gateway keeps p > cut)
+    kept = float(froc.thresholds[k]) if k else 1.0
+    dropped = float(froc.thresholds[k + 1]) if k + 1 < len(froc.thresholds) else floor
+    threshold = float(np.clip(0.5 * (kept + dropped), floor, 1.0 - 1e-6))
+    return {"probability": threshold, "target_fp_per_scan": fp_per_scan,
+            "calibration_fp_per_scan": float(froc.fps[k]), "calibration_sensitivity": float(froc.sensitivity[k]),
+            "calibration_scans": len(entries), "calibration_nodules": froc.n_nodules}
+
+
+def evaluate(net: torch.nn.Module, card_fields: dict[str, Any], entries: list[dict[str, Any]],
+             test_seed: int, figures_dir: Path | None = None, backend: Any = None) -> dict[str, Any]:
+    """Held-out figures through the gateway's own preprocess / sliding window / postprocess.
+
+    `backend` (the gateway's Backend protocol, e.g. ONNX Runtime over the exported model) runs the
+    network; None runs `net` in PyTorch. With `figures_dir`, the FROC curve (nodules) or the localisation
+    errors per level (vertebrae) are saved there as PNG and listed under "figures".
+    """
+    from inference.model_card import ModelCard
+    from inference.postprocess import postprocess
     from training.metrics.froc import froc_cpm
     from training.metrics.plots import plot_errors, plot_froc
     from training.metrics.vertebrae import aggregate_id_rates, errors_by_label, identification_rate
 
     card = ModelCard.model_validate({**card_fields, "version": "eval", "weights_sha256": "0" * 64})
-    backend = _TorchBackend(net)
+    backend = _TorchBackend(net) if backend is None else backend
     curve_preds, op_preds, truths, results = [], [], [], []
     for entry in entries:
-        volume = _volume(entry)
-        image, info = preprocess(volume, card)
-        logits = sliding_window_infer(image, backend, "image", "logits", card.input.roi_size, card.input.overlap,
-                                      4, card.output.channels)
+        volume, image, info, logits = _infer_case(entry, card, backend)
         if card.postprocess == "nodules":
             truths.append([(n["centre_mm"], n["diameter_mm"]) for n in entry["nodules"]])
-            curve_preds.append(nodule_candidates(logits, volume, info))
+            curve_preds.append(_curve_candidates(logits, volume, info, image, card))
             found, _ = postprocess(logits, volume, card, info)
             op_preds.append([(f.centre_mm, f.probability) for f in found])
         else:
@@ -131,7 +194,8 @@ def evaluate(net: torch.nn.Module, card_fields: dict[str, Any], entries: list[di
                                     "fp_per_scan": at.n_false_positives / max(len(entries), 1)},
                 "method": "inference.preprocess + sliding_window + postprocess (as served); LUNA16 FROC "
                           "(training.metrics.froc.froc_cpm); curve from model-grid components at p > 0.05 "
-                          "(training.cli.nodule_candidates), operating point through the gateway's postprocess"}
+                          "(training.cli.nodule_candidates, thresholds.min/max_mean_hu applied), operating point "
+                          "through the gateway's postprocess"}
     summary = aggregate_id_rates(results)
     summary.pop("per_label", None)
     # plotted per level name, cranial to caudal (the ids are VerSe label values)
@@ -177,6 +241,40 @@ def _cpu_benchmark(net: torch.nn.Module, cfg: TrainConfig) -> dict[str, Any]:
             "source": "300 x 512 x 512 at 1.25 x 0.7 x 0.7 mm, sliding window, excluding preprocessing"}
 
 
+def _evaluate_exported(net: torch.nn.Module, fields: dict[str, Any], test: list[dict[str, Any]], cfg: TrainConfig,
+                       figures_dir: Path) -> dict[str, Any]:
+    """Held-out evaluation through ONNX Runtime on the exported network, the way the gateway serves it
+    (and about 3x faster than PyTorch eager on CPU); registration re-exports and checks parity.
+
+    With `operating_fp_per_scan` (nodules), the card's probability threshold is first chosen on the
+    calibration split (`choose_operating_point`) and written into `fields`.
+    """
+    from inference.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    calibrate = cfg.task == "lung-nodule" and cfg.operating_fp_per_scan is not None and cfg.data.n_calibration > 0
+    if not test and not calibrate:
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        export_onnx(net, torch.zeros((1, 1, *cfg.roi_size)), path)
+        backend = OnnxRuntimeBackend(path, cfg.name, providers=["CPUExecutionProvider"],
+                                     intra_op_threads=cfg.threads or 0)
+        try:
+            chosen = None
+            if calibrate:
+                chosen = choose_operating_point(fields, data_split(cfg, "calibration"), backend,
+                                                cfg.operating_fp_per_scan)
+                fields["thresholds"] = {**fields["thresholds"], "probability": chosen["probability"]}
+            metrics = evaluate(net, fields, test, cfg.data.test_seed, figures_dir, backend=backend) if test else {}
+            if chosen is not None:
+                metrics["operating_point_selection"] = {
+                    **chosen, "calibration_seeds": [cfg.data.calibration_seed,
+                                                    cfg.data.calibration_seed + cfg.data.n_calibration - 1]}
+            return metrics
+        finally:
+            backend.close()
+
+
 def train_command(task: str, config: Path) -> int:
     """Run one training task end to end; returns a process exit status (0 = model registered)."""
     try:
@@ -196,7 +294,7 @@ def train_command(task: str, config: Path) -> int:
     )
     test = data_split(cfg, "test") if cfg.data.n_test else []
     figures_dir = Path(tempfile.mkdtemp(prefix="dxgate-figures-"))
-    metrics = evaluate(result.net, fields, test, cfg.data.test_seed, figures_dir) if test else {}
+    metrics = _evaluate_exported(result.net, fields, test, cfg, figures_dir)
     if cfg.benchmark:
         metrics["timing"] = _cpu_benchmark(result.net, cfg)
     metrics["validation_dice"] = result.best_metric
@@ -210,6 +308,10 @@ def train_command(task: str, config: Path) -> int:
                 "num_res_units": cfg.num_res_units},
             "command": f"dxgate train {task} --config {config}", "seconds": round(result.seconds),
             "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "precision": "amp float16" if torch.cuda.is_available() else (
+                "bfloat16 autocast" if cfg.cpu_bf16 and cpu_has_bf16() else "float32"),
+            "loss": type(make_loss(cfg)).__name__ + (
+                f" (BCE over the hardest {cfg.hard_voxel_fraction:.0%} of voxels)" if cfg.hard_voxel_fraction else ""),
         },
         metrics=metrics,
     )

@@ -28,6 +28,12 @@ _SCT_VERTEBRA = {  # SNOMED CT body structures, as in the DICOM anatomic codes (
     "T9": "82687006", "T10": "7610001", "T11": "12989004", "T12": "23215003", "L1": "66794005",
     "L2": "14293000", "L3": "36470004", "L4": "11994002", "L5": "49668003", "Sacrum": "54735007",
 }
+# Nodules are opacities: even pure ground glass is some 200 HU above aerated lung (about -850 HU). A
+# "nodule" averaging below -900 HU is air (noise outside the body, a gas bubble), not tissue. Above
+# +200 HU it is bone (rib, vertebra, sternum) or a calcified nodule, a benign pattern (Lung-RADS 1) this
+# detector does not report.
+MIN_NODULE_MEAN_HU = -900.0
+MAX_NODULE_MEAN_HU = 200.0
 ANATOMICAL_STRUCTURE = {"value": "91723000", "scheme": "SCT", "meaning": "Anatomical Structure"}
 
 
@@ -61,7 +67,8 @@ def card_fields_for(task: str, name: str | None = None, **overrides: Any) -> dic
                 "category": {"value": "49755003", "scheme": "SCT", "meaning": "Morphologically abnormal structure"},
                 "site": {"value": "39607008", "scheme": "SCT", "meaning": "Lung"},
             }],
-            "thresholds": {"probability": 0.5, "min_diameter_mm": 2.0, "min_volume_mm3": 0.0},
+            "thresholds": {"probability": 0.5, "min_diameter_mm": 2.0, "min_volume_mm3": 0.0,
+                           "min_mean_hu": MIN_NODULE_MEAN_HU, "max_mean_hu": MAX_NODULE_MEAN_HU},
             "series": {"modalities": ["CT"], "orientation": ["axial"], "min_slices": 16,
                        "max_slice_thickness_mm": 3.0, "prefer": "thinnest"},
         }

@@ -1,9 +1,10 @@
 """MONAI training workflow for the two dxgate tasks: data -> cached transforms -> U-Net -> checkpoints.
 
 One loop serves both tasks: label-aware patches (RandCropByLabelClassesd: each nodule or level drawn
-equally often, nodule negatives mostly from the lungs), Dice+BCE loss (nodules, sigmoid) or Dice +
-background-weighted CE (vertebrae, softmax), AdamW with cosine decay, AMP on CUDA, a CSV log (and
-TensorBoard when installed), periodic sliding-window validation, `last.pt` for resume and `best.pt`.
+equally often, nodule negatives mostly from the lungs), Dice + BCE (nodules, sigmoid; optionally BCE over
+the hardest voxels only) or Dice + background-weighted CE (vertebrae, softmax), AdamW with cosine decay,
+AMP on CUDA (bfloat16 autocast on CPUs that have it, with `cpu_bf16`), a CSV log (and TensorBoard when
+installed), periodic sliding-window validation, `last.pt` for resume and `best.pt`.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ class DataConfig(_Cfg):
     test_seed: int = 9000                    # held-out cases: never overlaps the training seeds
     rows: int = 512
     test_rows: int | None = None             # held-out resolution (default: rows)
+    n_calibration: int = Field(default=0, ge=0)  # operating-point scans (at test_rows), never trained on
+    calibration_seed: int = 6000
     slices: int | None = None
     spacing: tuple[float, float, float] | None = None  # generator spacing (z, y, x); None = its default
     phantom: bool = False                    # tiny built-in phantom (tests only)
@@ -76,6 +79,9 @@ class TrainConfig(_Cfg):
     resume: bool = True
     probability: float = 0.5
     insert_nodules: float = 0.0              # lung: probability of painting an extra nodule into a patch
+    operating_fp_per_scan: float | None = Field(default=None, gt=0)  # lung: threshold chosen on calibration
+    hard_voxel_fraction: float | None = Field(default=None, gt=0.0, le=1.0)  # lung: BCE over the hardest voxels only
+    cpu_bf16: bool = False                    # CPU: bfloat16 autocast + channels-last (where the CPU has bf16)
     benchmark: bool = True                    # time the exported model on a 300 x 512 x 512 chest CT grid
 
     @model_validator(mode="after")
@@ -107,6 +113,14 @@ class TrainResult:
     seconds: float = 0.0
 
 
+def cpu_has_bf16() -> bool:
+    """True where oneDNN has native bfloat16 kernels on this CPU (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def make_network(cfg: TrainConfig) -> torch.nn.Module:
     return build_network(cfg.out_channels, channels=cfg.channels, num_res_units=cfg.num_res_units)
 
@@ -131,18 +145,41 @@ class _DiceWeightedCE(torch.nn.Module):
         return self.dice(logits, label) + self.ce(logits, label[:, 0].long())
 
 
+class DiceHardVoxelBCE(torch.nn.Module):
+    """Batch Dice plus BCE averaged over the hardest `fraction` of voxels (top-k cross-entropy).
+
+    Plain BCE is a mean over ~400 000 voxels per batch, so a confident false-positive blob of 50 voxels
+    moves it by about 1e-3 and the network keeps it. Averaging over the hardest few percent only (which
+    always include missed nodule voxels and confident false positives) makes both count.
+    """
+
+    def __init__(self, fraction: float) -> None:
+        super().__init__()
+        self.fraction = fraction
+        self.dice = DiceLoss(sigmoid=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
+
+    def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, label.float(), reduction="none")
+        k = max(1, int(self.fraction * bce.numel()))
+        return self.dice(logits, label) + bce.flatten().topk(k, sorted=False).values.mean()
+
+
 def make_loss(cfg: TrainConfig) -> torch.nn.Module:
     if cfg.task == "lung-nodule":
+        if cfg.hard_voxel_fraction is not None:
+            return DiceHardVoxelBCE(cfg.hard_voxel_fraction)
         # BCE keeps a full-size gradient on missed nodule voxels (focal/Dice alone stall at p ~ 0)
         return DiceCELoss(sigmoid=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
     return _DiceWeightedCE(cfg.out_channels)
 
 
 def data_split(cfg: TrainConfig, section: str, progress: bool = True) -> list[dict[str, Any]]:
-    """Generate (or reuse) one split: "training", "validation" or "test"."""
+    """Generate (or reuse) one split: "training", "validation", "test" or "calibration"."""
     n, seed = {"training": (cfg.data.n_train, cfg.data.seed), "validation": (cfg.data.n_val, cfg.data.val_seed),
-               "test": (cfg.data.n_test, cfg.data.test_seed)}[section]
-    rows = cfg.data.test_rows if section == "test" and cfg.data.test_rows else cfg.data.rows
+               "test": (cfg.data.n_test, cfg.data.test_seed),
+               "calibration": (cfg.data.n_calibration, cfg.data.calibration_seed)}[section]
+    rows = cfg.data.test_rows if section in ("test", "calibration") and cfg.data.test_rows else cfg.data.rows
     return generate_dataset(
         cfg.task, cfg.data.dir, section, n, seed, rows=rows, slices=cfg.data.slices,
         spacing=cfg.data.spacing, phantom=cfg.data.phantom, progress=progress,
@@ -245,6 +282,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     )
     amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    cpu_bf16 = device.type == "cpu" and cfg.cpu_bf16 and cpu_has_bf16()
+    if cpu_bf16:  # oneDNN's bf16 convolutions want channels-last; weights and optimiser stay float32
+        net = net.to(memory_format=torch.channels_last_3d)
     step, best, history, earlier = 0, -1.0, [], 0.0
     last = run_dir / "last.pt"
     if cfg.resume and last.is_file():
@@ -282,8 +322,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                 if step >= cfg.steps:
                     break
                 x, y = batch["image"].to(device), batch["label"].to(device)
+                if cpu_bf16:
+                    x = x.contiguous(memory_format=torch.channels_last_3d)
                 opt.zero_grad(set_to_none=True)
-                with torch.autocast(device.type, enabled=amp):
+                with torch.autocast(device.type, enabled=amp or cpu_bf16,
+                                    dtype=torch.bfloat16 if cpu_bf16 else None):
                     loss = loss_fn(net(x), y)
                 scaler.scale(loss).backward()
                 scaler.step(opt)
@@ -312,6 +355,6 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
             bar.close()
     if (run_dir / "best.pt").is_file():
         net.load_state_dict(torch.load(run_dir / "best.pt", map_location=device, weights_only=True))
-    net = net.to("cpu").eval()
+    net = net.to("cpu", memory_format=torch.contiguous_format).eval()
     return TrainResult(net=net, run_dir=run_dir, step=step, best_metric=best, history=history,
                        seconds=time.monotonic() - start)

@@ -49,10 +49,13 @@ SPINE_LEVELS: tuple[str, ...] = (
 SPINE_VERSE_VALUES: tuple[int, ...] = (*range(1, 25), 26)
 
 # Patch sampling classes for nodules: 0 = elsewhere, 1 = lung parenchyma (where vessels, the usual false
-# positives, live), 2.. = one class per nodule, so a 3 mm nodule is drawn as often as a 30 mm one.
+# positives, live), 2 = bone (ribs, vertebrae and sternum: round cross-sections a network sampling mostly
+# lung patches calls nodules), 3.. = one class per nodule, so a 3 mm nodule is drawn as often as a 30 mm one.
 SAMPLING_KEY = "sampling"
 INDICES_KEY = "sampling_cls_indices"
 LUNG_PARENCHYMA_HU = (-950.0, -500.0)
+BONE_HU = 200.0
+FIRST_NODULE_CLASS = 3
 MAX_NODULE_CLASSES = 8
 MAX_SAMPLES_PER_CLASS = 20000   # cached centre candidates per class (random subset of large classes)
 CROP_JITTER = 16                # the sampled voxel lands anywhere within +-8 voxels of the patch centre
@@ -65,18 +68,18 @@ def crop_size(roi: Sequence[int]) -> tuple[int, ...]:
 
 def sampling_classes(task: str) -> int:
     """Number of patch-sampling classes per task."""
-    return 2 + MAX_NODULE_CLASSES if task == "lung-nodule" else 1 + len(SPINE_LEVELS)
+    return FIRST_NODULE_CLASS + MAX_NODULE_CLASSES if task == "lung-nodule" else 1 + len(SPINE_LEVELS)
 
 
 def sampling_ratios(task: str, pos: float, neg: float) -> list[float]:
     """Relative draw weights per sampling class (absent classes are skipped by MONAI).
 
-    Nodules: a quarter of the negative weight elsewhere in the body, the rest in the lungs, `pos` per
-    nodule. Vertebrae: `neg` for background, `pos` for every level (rare cervical levels as often as
-    lumbar ones).
+    Nodules: of the negative weight, 0.3 elsewhere (soft tissue, air), 0.4 in the lungs and 0.3 on
+    bone, `pos` per nodule. Vertebrae: `neg` for background, `pos` for every level (rare cervical levels
+    as often as lumbar ones).
     """
     if task == "lung-nodule":
-        return [0.25 * neg, 0.75 * neg] + [pos] * MAX_NODULE_CLASSES
+        return [0.3 * neg, 0.4 * neg, 0.3 * neg] + [pos] * MAX_NODULE_CLASSES
     return [neg] + [pos] * len(SPINE_LEVELS)
 
 
@@ -87,6 +90,7 @@ class NoduleSamplingMapd(MapTransform):
         super().__init__(keys)
         low, high = float(window[0]), float(window[1])
         self.lung = tuple((hu - low) / (high - low) for hu in LUNG_PARENCHYMA_HU)
+        self.bone = (BONE_HU - low) / (high - low)
         self.label_key = label_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
@@ -95,10 +99,11 @@ class NoduleSamplingMapd(MapTransform):
             image = np.asarray(d[key])
             label = np.asarray(d[self.label_key])
             out = ((image > self.lung[0]) & (image < self.lung[1])).astype(np.uint8)
+            out[image > self.bone] = 2
             components, n = ndimage.label(label[0] > 0, structure=np.ones((3, 3, 3), dtype=bool))
             if n:
                 nodule = components > 0
-                out[0][nodule] = 2 + (components[nodule] - 1) % MAX_NODULE_CLASSES
+                out[0][nodule] = FIRST_NODULE_CLASS + (components[nodule] - 1) % MAX_NODULE_CLASSES
             d[SAMPLING_KEY] = out
         return d
 

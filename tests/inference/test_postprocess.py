@@ -185,3 +185,23 @@ def test_nodule_components_equal_those_of_the_whole_interpolated_map(nodule_mode
     got = [(f.probability, round(f.volume_mm3 / vol.voxel_volume_mm3)) for f in found]
     np.testing.assert_allclose([g[0] for g in got], [r[0] for r in ref], rtol=1e-6)
     assert sorted(g[1] for g in got) == sorted(int(r[1]) for r in ref)
+
+
+def test_nodule_in_air_is_dropped_by_min_mean_hu(nodule_model):
+    """A component averaging below thresholds.min_mean_hu is air (noise outside the body), not a nodule."""
+    vol = _volume()
+    vol.voxels[...] = -1000.0                       # air outside the body ...
+    vol.voxels[:, :, 15:] = -850.0                  # ... and aerated lung
+    lung_nodule = _ball(vol.shape, (10, 15, 22), 3.0, vol.spacing)
+    vol.voxels[lung_nodule] = -600.0                # a ground-glass nodule
+    in_air = _ball(vol.shape, (10, 15, 5), 3.0, vol.spacing)
+    prob = (np.where(lung_nodule, 0.9, 0.0) + np.where(in_air, 0.95, 0.0)).astype(np.float32)
+
+    kept, _ = nodules(prob, vol, nodule_model.card)
+    assert len(kept) == 2                           # the fixture card sets no attenuation floor
+    card = nodule_model.card.model_copy(update={
+        "thresholds": nodule_model.card.thresholds.model_copy(update={"min_mean_hu": -900.0})})
+    kept, label_map = nodules(prob, vol, card)
+    assert [f.probability for f in kept] == pytest.approx([0.9])
+    assert kept[0].centre_mm == pytest.approx(vol.index_to_patient(np.array([10, 15, 22])), abs=0.5)
+    assert not label_map[in_air].any() and label_map[lung_nodule].all()

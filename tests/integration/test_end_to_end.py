@@ -51,7 +51,7 @@ def _operating_point_copy(models_dir: Path, study_files: list[Path], out: Path) 
     top = float(1.0 / (1.0 + np.exp(-logits[0].max())))
     meta = json.loads((out / "lung_nodule_ct" / "metadata.json").read_text())
     meta["thresholds"] = {**meta.get("thresholds", {}), "probability": max(min(0.8 * top, 0.99), 1e-3),
-                          "min_diameter_mm": 0.0, "min_volume_mm3": 0.0}
+                          "min_diameter_mm": 0.0, "min_volume_mm3": 0.0, "min_mean_hu": None, "max_mean_hu": None}
     (out / "lung_nodule_ct" / "metadata.json").write_text(json.dumps(meta, indent=1))
     return out
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from training.datasets import generate_dataset, phantom_case
-from training.train import DataConfig, TrainConfig, train
+from training.train import DataConfig, DiceHardVoxelBCE, TrainConfig, cpu_has_bf16, train
 from training.transforms import (
     SAMPLING_KEY,
     NoduleSamplingMapd,
@@ -43,6 +43,30 @@ def test_few_steps_lower_the_loss(tmp_path: Path) -> None:
     rows = list(csv.DictReader((result.run_dir / "log.csv").open()))
     assert [int(r["step"]) for r in rows] == list(range(1, 31))
     assert rows[-1]["val_dice"] != ""
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no native bfloat16 (AVX512-BF16/AMX)")
+def test_bf16_on_cpu_lowers_the_loss_and_returns_a_float32_network(tmp_path: Path) -> None:
+    result = train(_cfg(tmp_path, steps=30, cpu_bf16=True, hard_voxel_fraction=0.05), progress=False)
+    losses = [h["loss"] for h in result.history]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    weight = next(result.net.parameters())
+    assert weight.dtype == torch.float32 and weight.is_contiguous()  # exported as a plain float32 graph
+
+
+def test_hard_voxel_bce_weighs_a_confident_false_positive() -> None:
+    """Plain BCE dilutes a 27-voxel false positive over the patch; the hard-voxel mean does not."""
+    label = torch.zeros(1, 1, 32, 48, 48)
+    label[..., 10:14, 10:14, 10:14] = 1.0
+    right = torch.where(label > 0, 8.0, -8.0)
+    wrong = right.clone()
+    wrong[..., 20:23, 30:33, 30:33] = 8.0           # a confident blob where there is no nodule
+    hard = DiceHardVoxelBCE(0.01)
+    plain = torch.nn.BCEWithLogitsLoss()
+    plain_rise = float(plain(wrong, label) - plain(right, label))
+    hard_rise = float(hard(wrong, label) - hard(right, label))
+    assert plain_rise < 0.01
+    assert hard_rise > 0.3 and hard_rise > 50 * plain_rise
 
 
 def test_resume_continues_from_checkpoint(tmp_path: Path) -> None:
@@ -111,10 +135,19 @@ def test_train_command_trains_evaluates_and_registers(tmp_path: Path, task: str)
         "task": task, "name": name, "spacing_mm": [3.0, 3.0, 3.0], "window": [-1000.0, 400.0],
         "roi_size": [16, 32, 32], "channels": [4, 8, 16], "steps": 3, "val_every": 3, "benchmark": False,
         "run_dir": str(tmp_path / "run"), "register_to": str(tmp_path / "models"),
-        "data": {"dir": str(tmp_path / "data"), "n_train": 1, "n_val": 1, "n_test": 2, "phantom": True},
+        "data": {"dir": str(tmp_path / "data"), "n_train": 1, "n_val": 1, "n_test": 2, "phantom": True,
+                 "n_calibration": 1},
+        "operating_fp_per_scan": 1.0,
     }))
     assert train_command(task, config) == 0
     card = load_model(tmp_path / "models" / name).card
+    if task == "lung-nodule":  # the threshold comes from the calibration scan, not the config's 0.5
+        chosen = card.metrics["operating_point_selection"]
+        assert card.thresholds.probability == chosen["probability"]
+        assert chosen["calibration_scans"] == 1 and chosen["calibration_fp_per_scan"] <= 1.0
+        assert card.metrics["operating_point"]["probability"] == chosen["probability"]
+    else:
+        assert "operating_point_selection" not in card.metrics
     assert card.training["command"] == f"dxgate train {task} --config {config}"
     assert card.metrics["heldout_cases"] == 2
     key = "sensitivity_at_1fp_per_scan" if task == "lung-nodule" else "id_rate"
@@ -138,12 +171,14 @@ def test_nodule_sampling_map_numbers_each_nodule_and_marks_lung() -> None:
     label[0, 1:3, 3:5, 3:5] = 1                              # nodule A
     label[0, 6:9, 6:9, 6:9] = 1                              # nodule B (touches nothing else)
     image[label > 0] = (30 + 1000) / 1400
+    image[:, :, 0, 8:12] = (700 + 1000) / 1400               # a rib
     out = NoduleSamplingMapd(keys="image", window=(-1000.0, 400.0))({"image": image, "label": label})
     classes = out[SAMPLING_KEY][0]
-    assert set(np.unique(classes[label[0] > 0])) == {2, 3}   # one class per nodule, whatever its size
+    assert set(np.unique(classes[label[0] > 0])) == {3, 4}   # one class per nodule, whatever its size
     assert classes[1, 3, 3] != classes[7, 7, 7]
     assert classes[5, 2, 2] == 1 and classes[5, 0, 0] == 0   # lung vs elsewhere
-    assert sampling_ratios("lung-nodule", 1.0, 1.0)[:3] == [0.25, 0.75, 1.0]
+    assert classes[5, 0, 9] == 2                             # bone
+    assert sampling_ratios("lung-nodule", 1.0, 1.0)[:4] == [0.3, 0.4, 0.3, 1.0]
     assert len(sampling_ratios("spine-vertebrae", 1.0, 1.0)) == sampling_classes("spine-vertebrae") == 26
 
 

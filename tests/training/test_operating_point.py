@@ -1,0 +1,57 @@
+"""The lung card's probability threshold is chosen on calibration scans at a false-positive budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.cli import choose_operating_point
+from training.datasets import Case, resolve, write_case
+from training.register import card_fields_for
+
+
+class _IntensityModel:
+    """A fixed, deterministic network: logit = 20 x (windowed intensity - 0.3) (denser = more nodule-like)."""
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"logits": (20.0 * (inputs["image"] - 0.3)).astype(np.float32)}
+
+    def close(self) -> None:
+        return None
+
+
+def _blob(shape: tuple[int, ...], centre: tuple[int, int, int], radius: float) -> np.ndarray:
+    grids = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    return sum((g - c) ** 2 for g, c in zip(grids, centre, strict=True)) <= radius**2
+
+
+def _case(tmp_path: Path) -> dict:
+    """Aerated lung with a true solid nodule (40 HU) and two dense spots that are not nodules."""
+    shape, spacing = (40, 64, 64), (1.5, 1.5, 1.5)
+    hu = np.full(shape, -850, np.int16)
+    hu[_blob(shape, (20, 20, 20), 4)] = 40       # the nodule: p ~ 1.0
+    hu[_blob(shape, (20, 44, 44), 4)] = -200     # false positive, p ~ 0.995
+    hu[_blob(shape, (10, 44, 20), 4)] = -500     # false positive, p ~ 0.77
+    centre_mm = [20 * 1.5, 20 * 1.5, 20 * 1.5]
+    case = Case(hu=hu, label_map=np.zeros(shape, np.uint8), spacing=spacing, origin=(0.0, 0.0, 0.0),
+                truth={"nodules": [{"centre_mm": centre_mm, "diameter_mm": 12.0}]})
+    return resolve(write_case(tmp_path, "calibration_000001", case, 1), tmp_path)
+
+
+def _p(hu: float) -> float:
+    return float(1.0 / (1.0 + np.exp(-20.0 * ((hu + 1000.0) / 1400.0 - 0.3))))
+
+
+@pytest.mark.parametrize(("budget", "fps", "above", "below"), [
+    (0.5, 0.0, _p(-200), _p(40)),    # only the nodule
+    (1.0, 1.0, _p(-500), _p(-200)),  # the nodule and the denser false positive
+    (2.0, 2.0, 0.5, _p(-500)),       # everything above the floor (0.5)
+])
+def test_lowest_threshold_within_the_false_positive_budget(tmp_path: Path, budget, fps, above, below) -> None:
+    fields = card_fields_for("lung-nodule")
+    chosen = choose_operating_point(fields, [_case(tmp_path)], _IntensityModel(), budget)
+    assert chosen["calibration_fp_per_scan"] == fps
+    assert chosen["calibration_sensitivity"] == 1.0 and chosen["calibration_nodules"] == 1
+    assert above <= chosen["probability"] < below   # the cut lies between kept and dropped candidates
