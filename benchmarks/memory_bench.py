@@ -48,10 +48,10 @@ def profile_job(models_dir: Path, model_name: str, series_dir: Path, probability
     from inference.backends.factory import make_backend
     from inference.encode import encode_gsps, encode_seg, encode_sr
     from inference.findings import InferenceResult
+    from inference.model_pass import model_logits
     from inference.model_repo import discover_models
     from inference.postprocess import postprocess
     from inference.preprocess import preprocess
-    from inference.sliding_window import sliding_window_infer
     from inference.validation import validate_output
     from inference.volume import load_series
 
@@ -85,9 +85,7 @@ def profile_job(models_dir: Path, model_name: str, series_dir: Path, probability
 
     def infer() -> None:
         image = state.pop("image")
-        state["logits"] = sliding_window_infer(image, backend, card.input.name, card.output.name,
-                                               card.input.roi_size, card.input.overlap, card.input.batch_size,
-                                               card.output.channels)
+        state["logits"] = model_logits(image, backend, card)
 
     def post() -> None:
         findings, label_map = postprocess(state.pop("logits"), state["volume"], card, state["info"])

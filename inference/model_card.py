@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 NOT_FOR_CLINICAL_USE = "Research use only. Not for clinical use."
 
@@ -40,6 +40,17 @@ class InputSpec(_Strict):
     roi_size: tuple[int, int, int]             # sliding-window patch (z, y, x)
     overlap: float = Field(default=0.25, ge=0, lt=1)
     batch_size: int = Field(default=4, ge=1)
+    # test-time augmentation: one extra pass per entry over the image mirrored along these model-grid
+    # axes (0 = slice, 1 = row, 2 = column), probabilities averaged (inference.model_pass)
+    flips: list[tuple[int, ...]] = []
+
+    @field_validator("flips")
+    @classmethod
+    def _distinct_axes(cls, flips: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        for axes in flips:
+            if any(a not in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes):
+                raise ValueError(f"flip axes must be distinct values among 0, 1, 2; got {list(axes)}")
+        return flips
 
 
 class OutputSpec(_Strict):

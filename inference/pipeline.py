@@ -14,10 +14,10 @@ from inference.backends.base import Backend
 from inference.errors import BackendError, InferenceError, VolumeError
 from inference.findings import InferenceResult
 from inference.model_card import ModelCard
+from inference.model_pass import model_logits
 from inference.model_repo import RegisteredModel
 from inference.postprocess import PostprocessError, postprocess
 from inference.preprocess import PreprocessError, ResampleInfo, preprocess
-from inference.sliding_window import sliding_window_infer
 from inference.volume import Volume, load_series
 
 log = logging.getLogger(__name__)
@@ -72,11 +72,7 @@ class ModelRunner:
         if progress:
             progress("preprocess")
         with _stage("infer", seconds):
-            logits = sliding_window_infer(
-                image, self.backend, card.input.name, card.output.name, card.input.roi_size,
-                card.input.overlap, card.input.batch_size, card.output.channels,
-                mode=self.blend_mode,  # type: ignore[arg-type]
-            )
+            logits = model_logits(image, self.backend, card, mode=self.blend_mode)  # type: ignore[arg-type]
             del image
         if progress:
             progress("infer")

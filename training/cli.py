@@ -98,13 +98,12 @@ def nodule_candidates(logits: np.ndarray, volume: Any, info: Any, floor: float =
 
 def _infer_case(entry: dict[str, Any], card: Any, backend: Any) -> tuple[Any, np.ndarray, Any, np.ndarray]:
     """One case through the gateway's preprocess and sliding window: (volume, image, info, logits)."""
+    from inference.model_pass import model_logits
     from inference.preprocess import preprocess
-    from inference.sliding_window import sliding_window_infer
 
     volume = _volume(entry)
     image, info = preprocess(volume, card)
-    logits = sliding_window_infer(image, backend, "image", "logits", card.input.roi_size, card.input.overlap,
-                                  4, card.output.channels)
+    logits = model_logits(image, backend, card)
     return volume, image, info, logits
 
 
@@ -114,6 +113,28 @@ def _curve_candidates(logits: np.ndarray, volume: Any, info: Any, image: np.ndar
     hu = low + np.asarray(image, dtype=np.float32) * (high - low)  # windowed [0, 1] -> HU (clipped)
     return nodule_candidates(logits, volume, info, hu=hu, min_mean_hu=card.thresholds.min_mean_hu,
                              max_mean_hu=card.thresholds.max_mean_hu)
+
+
+def found_by_group(preds: list[list[tuple[tuple[float, float, float], float]]], entries: list[dict[str, Any]]
+                   ) -> dict[str, Any]:
+    """Nodules found (LUNA16 hit rule) per kind, size band and juxtapleural flag, with the missed ones listed."""
+    from training.metrics.froc import match_scan
+
+    groups: dict[str, list[int]] = {}
+    missed = []
+    for case, entry in zip(preds, entries, strict=True):
+        truths = [(n["centre_mm"], n["diameter_mm"]) for n in entry["nodules"]]
+        for n, p in zip(entry["nodules"], match_scan(case, truths).nodule_probs, strict=True):
+            d = float(n["diameter_mm"])
+            size = "3-6 mm" if d < 6 else ("6-10 mm" if d < 10 else "10-30 mm")
+            for key in (n.get("kind") or "unknown", size, *(["juxtapleural"] if n.get("juxtapleural") else [])):
+                groups.setdefault(key, [0, 0])
+                groups[key][0] += p is not None
+                groups[key][1] += 1
+            if p is None:
+                missed.append({"seed": entry.get("seed"), "diameter_mm": round(d, 1), "kind": n.get("kind"),
+                               "juxtapleural": bool(n.get("juxtapleural"))})
+    return {"found": {k: f"{v[0]}/{v[1]}" for k, v in sorted(groups.items())}, "missed": missed}
 
 
 def choose_operating_point(card_fields: dict[str, Any], entries: list[dict[str, Any]], backend: Any,
@@ -191,7 +212,8 @@ def evaluate(net: torch.nn.Module, card_fields: dict[str, Any], entries: list[di
                                               strict=True)),
                 "operating_point": {"probability": card.thresholds.probability,
                                     "sensitivity": at.n_true_positives / max(at.n_nodules, 1),
-                                    "fp_per_scan": at.n_false_positives / max(len(entries), 1)},
+                                    "fp_per_scan": at.n_false_positives / max(len(entries), 1),
+                                    **found_by_group(op_preds, entries)},
                 "method": "inference.preprocess + sliding_window + postprocess (as served); LUNA16 FROC "
                           "(training.metrics.froc.froc_cpm); curve from model-grid components at p > 0.05 "
                           "(training.cli.nodule_candidates, thresholds.min/max_mean_hu applied), operating point "
@@ -211,8 +233,9 @@ def evaluate(net: torch.nn.Module, card_fields: dict[str, Any], entries: list[di
 
 
 def onnx_cpu_seconds(onnx_path: Path, shape: Sequence[int], roi: Sequence[int], overlap: float,
-                     threads: int = 2) -> float:
-    """Wall seconds of a sliding-window ONNX Runtime pass over a zero volume of `shape` (z, y, x)."""
+                     threads: int = 2, flips: Sequence[Sequence[int]] = ()) -> float:
+    """Wall seconds of the sliding-window ONNX Runtime passes (the plain one and one per entry of
+    `flips`, each over the mirrored volume) over a zero volume of `shape` (z, y, x)."""
     import onnxruntime as ort
     from monai.inferers import sliding_window_inference
 
@@ -225,7 +248,9 @@ def onnx_cpu_seconds(onnx_path: Path, shape: Sequence[int], roi: Sequence[int], 
 
     volume = torch.zeros((1, 1, *shape), dtype=torch.float32)
     start = time.perf_counter()
-    sliding_window_inference(volume, tuple(roi), 1, run, overlap=overlap, mode="gaussian")
+    for axes in [(), *flips]:
+        mirrored = torch.flip(volume, [a + 2 for a in axes]) if axes else volume
+        sliding_window_inference(mirrored, tuple(roi), 1, run, overlap=overlap, mode="gaussian")
     return time.perf_counter() - start
 
 
@@ -236,9 +261,11 @@ def _cpu_benchmark(net: torch.nn.Module, cfg: TrainConfig) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
         export_onnx(net, torch.zeros((1, 1, *cfg.roi_size)), path)
-        seconds = onnx_cpu_seconds(path, shape, cfg.roi_size, cfg.overlap)
+        seconds = onnx_cpu_seconds(path, shape, cfg.roi_size, cfg.overlap, flips=cfg.flips)
     return {"onnxruntime_cpu_seconds": round(seconds, 2), "threads": 2, "resampled_shape": shape,
-            "source": "300 x 512 x 512 at 1.25 x 0.7 x 0.7 mm, sliding window, excluding preprocessing"}
+            "passes": 1 + len(cfg.flips),
+            "source": "300 x 512 x 512 at 1.25 x 0.7 x 0.7 mm, sliding window (every test-time flip included), "
+                      "excluding preprocessing"}
 
 
 def _evaluate_exported(net: torch.nn.Module, fields: dict[str, Any], test: list[dict[str, Any]], cfg: TrainConfig,
@@ -289,7 +316,7 @@ def train_command(task: str, config: Path) -> int:
     fields = card_fields_for(cfg.task, name=cfg.name)
     fields.update(
         input={"name": "image", "spacing_mm": cfg.spacing_mm, "window": cfg.window, "roi_size": cfg.roi_size,
-               "overlap": cfg.overlap, "batch_size": 1},
+               "overlap": cfg.overlap, "batch_size": 1, "flips": [list(a) for a in cfg.flips]},
         thresholds={**fields["thresholds"], "probability": cfg.probability},
     )
     test = data_split(cfg, "test") if cfg.data.n_test else []

@@ -52,15 +52,29 @@ class RandInsertNoduled(Randomizable, MapTransform):
     `image` is windowed HU in [0, 1] (`window`), on a grid of `spacing_mm` (z, y, x); `label` gets 1 where
     the nodule is. The centre is a parenchyma voxel whose surrounding sphere (radius + 1.5 mm) lies mostly
     (>= 70 % of probes) in lung, so nodules may touch vessels or the pleura, as real ones do.
+
+    The nodules the generator's distribution makes hardest can be drawn more often: `small_fraction` of
+    the diameters uniformly in 3..`small_max_mm`, `kind_weights` for solid / part-solid / ground glass, and
+    `juxtapleural_fraction` of the nodules centred 0.5-1 radius inside the lung's edge (at least 30 % of
+    the probes in lung), as the generator's juxtapleural nodules are.
     """
 
     def __init__(self, keys: KeysCollection, window: Sequence[float], spacing_mm: Sequence[float],
-                 prob: float = 0.5, max_diameter_mm: float = 30.0) -> None:
+                 prob: float = 0.5, max_diameter_mm: float = 30.0, small_fraction: float = 0.0,
+                 small_max_mm: float = 8.0, juxtapleural_fraction: float = 0.0,
+                 kind_weights: Sequence[float] = KIND_WEIGHTS) -> None:
         MapTransform.__init__(self, keys)
         self.low, self.high = float(window[0]), float(window[1])
         self.spacing = tuple(float(s) for s in spacing_mm)
         self.prob = float(prob)
         self.max_diameter_mm = float(max_diameter_mm)
+        self.small_fraction = float(small_fraction)
+        self.small_max_mm = float(small_max_mm)
+        self.juxtapleural_fraction = float(juxtapleural_fraction)
+        w = np.asarray(kind_weights, dtype=float)
+        if w.shape != (len(NODULE_KINDS),) or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"kind_weights needs {len(NODULE_KINDS)} non-negative weights, got {kind_weights}")
+        self.kind_weights = w / w.sum()
         dirs = np.random.default_rng(0).standard_normal((_PROBES, 3))
         self._dirs = dirs / np.linalg.norm(dirs, axis=1, keepdims=True)
 
@@ -83,6 +97,11 @@ class RandInsertNoduled(Randomizable, MapTransform):
         d["label"] = _like(new_label[None], d["label"])
         return d
 
+    def _diameter(self) -> float:
+        if self.R.uniform() < self.small_fraction:
+            return float(self.R.uniform(3.0, self.small_max_mm))
+        return sample_diameter_mm(self.R)
+
     def _insert(self, hu: np.ndarray, label: np.ndarray, lung: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         candidates = np.argwhere(lung)
         if len(candidates) == 0:
@@ -90,18 +109,27 @@ class RandInsertNoduled(Randomizable, MapTransform):
         sp = np.asarray(self.spacing)
         extent = (np.asarray(hu.shape) - 1) * sp
         soft = ndimage.uniform_filter((hu < LUNG_HU[1]).astype(np.float32), size=3) > 0.5
+        pleural = self.R.uniform() < self.juxtapleural_fraction
+        depth = ndimage.distance_transform_edt(soft, sampling=sp) if pleural else None
         for _ in range(20):
-            centre = candidates[self.R.randint(len(candidates))]
-            r = min(sample_diameter_mm(self.R), self.max_diameter_mm, 0.5 * float(extent.min())) / 2
+            r = min(self._diameter(), self.max_diameter_mm, 0.5 * float(extent.min())) / 2
+            if depth is not None:  # centres 0.5-1 radius inside the lung's edge
+                near = np.argwhere(lung & (depth > 0.5 * r) & (depth < r))
+                if len(near) == 0:
+                    continue
+                centre = near[self.R.randint(len(near))]
+            else:
+                centre = candidates[self.R.randint(len(candidates))]
             probes = np.round((centre * sp + self._dirs * (r + 1.5)) / sp).astype(int)
             inside = np.all((probes >= 0) & (probes < np.asarray(hu.shape)), axis=1)
-            if inside.sum() < 0.7 * _PROBES or soft[tuple(probes[inside].T)].sum() < 0.7 * _PROBES:
+            need = 0.3 if depth is not None else 0.7
+            if inside.sum() < 0.7 * _PROBES or soft[tuple(probes[inside].T)].sum() < need * _PROBES:
                 continue
-            kind = str(self.R.choice(NODULE_KINDS, p=KIND_WEIGHTS))
+            kind = str(self.R.choice(NODULE_KINDS, p=self.kind_weights))
             # grid (x, y, z) mm with the patch's voxel [0, 0, 0] at the origin
             grid = Grid(tuple(int(s) for s in hu.shape), self.spacing, (0.0, 0.0, 0.0))  # type: ignore[arg-type]
             nodule = Nodule((float(centre[2] * sp[2]), float(centre[1] * sp[1]), float(centre[0] * sp[0])),
-                            2 * r, kind, False)
+                            2 * r, kind, depth is not None)
             before = hu.copy()
             rng = np.random.default_rng(int(self.R.randint(2**31)))
             paint_nodule(hu, label, grid, nodule, rng)

@@ -27,6 +27,7 @@ from monai.utils import set_determinism
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from training.datasets import generate_dataset
+from training.hard_negatives import CASE_KEY, HardNegativeIndicesd, HardNegativeStore, mine
 from training.networks import build_network
 from training.transforms import SPINE_LEVELS, augment_transforms, crop_size, load_transforms
 
@@ -54,6 +55,15 @@ class DataConfig(_Cfg):
     phantom: bool = False                    # tiny built-in phantom (tests only)
 
 
+class InsertionConfig(_Cfg):
+    """What `training.nodule_insertion.RandInsertNoduled` draws (defaults: the generator's distribution)."""
+
+    small_fraction: float = Field(default=0.0, ge=0.0, le=1.0)   # diameters uniform in 3..small_max_mm
+    small_max_mm: float = Field(default=8.0, gt=3.0)
+    juxtapleural_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
+    kind_weights: tuple[float, float, float] = (0.6, 0.2, 0.2)    # solid, part-solid, ground glass
+
+
 class TrainConfig(_Cfg):
     task: Task
     name: str
@@ -62,6 +72,7 @@ class TrainConfig(_Cfg):
     window: tuple[float, float]
     roi_size: tuple[int, int, int]
     overlap: float = 0.25
+    flips: list[tuple[int, ...]] = []        # the card's test-time flips (inference.model_pass), used in evaluation
     channels: tuple[int, ...] = (8, 16, 32, 64)
     num_res_units: int = 1
     steps: int = Field(default=1000, ge=1)
@@ -79,6 +90,10 @@ class TrainConfig(_Cfg):
     resume: bool = True
     probability: float = 0.5
     insert_nodules: float = 0.0              # lung: probability of painting an extra nodule into a patch
+    insertion: InsertionConfig = Field(default_factory=lambda: InsertionConfig())
+    hard_negative_every: int | None = Field(default=None, ge=1)  # lung: mine false positives every N steps
+    hard_negative_weight: float = Field(default=1.0, ge=0.0)     # their patch-sampling weight (as `pos`)
+    hard_negative_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
     operating_fp_per_scan: float | None = Field(default=None, gt=0)  # lung: threshold chosen on calibration
     hard_voxel_fraction: float | None = Field(default=None, gt=0.0, le=1.0)  # lung: BCE over the hardest voxels only
     cpu_bf16: bool = False                    # CPU: bfloat16 autocast + channels-last (where the CPU has bf16)
@@ -247,6 +262,11 @@ class _Log:
             if val is not None:
                 self.tb.add_scalar("val_dice", val, step)
 
+    def note(self, text: str) -> None:
+        """A free-text line beside the CSV (e.g. hard-negative mining rounds)."""
+        with (self.path.parent / "notes.txt").open("a", encoding="utf-8") as f:
+            f.write(text + "\n")
+
     def close(self) -> None:
         self.file.close()
         if self.tb is not None:
@@ -297,14 +317,22 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         earlier = float(state.get("seconds", _logged_seconds(run_dir / "log.csv", step)))
     start -= earlier  # the reported time covers every invocation of this run
 
+    mining = cfg.task == "lung-nodule" and cfg.hard_negative_every is not None
+    hard = HardNegativeStore()
+    if mining and (run_dir / "hard_negatives.npz").is_file() and step > 0:
+        hard.load(run_dir / "hard_negatives.npz")
     if step < cfg.steps:  # a finished run only reloads its best network (e.g. to re-evaluate and register)
-        train_data = data_split(cfg, "training", progress)
+        train_data = [{**e, CASE_KEY: i} for i, e in enumerate(data_split(cfg, "training", progress))]
         val_data = data_split(cfg, "validation", progress)
         load = load_transforms(cfg.task, cfg.spacing_mm, cfg.window)
         cached = load_transforms(cfg.task, cfg.spacing_mm, cfg.window, compact=True,
                                  pad_to=crop_size(cfg.roi_size))
         augment = augment_transforms(cfg.task, cfg.roi_size, cfg.num_samples, cfg.pos, cfg.neg,
-                                     insert_nodules=cfg.insert_nodules, window=cfg.window, spacing=cfg.spacing_mm)
+                                     insert_nodules=cfg.insert_nodules, window=cfg.window, spacing=cfg.spacing_mm,
+                                     hard=cfg.hard_negative_weight if mining else 0.0,
+                                     insertion=cfg.insertion.model_dump())
+        if mining:
+            augment = [HardNegativeIndicesd(hard), *augment]
         train_ds = CacheDataset(train_data, Compose(cached + augment), num_workers=0, progress=False)
         val_volumes = list(CacheDataset(val_data, Compose(load), num_workers=0, progress=False))
         loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=0, drop_last=False)
@@ -342,6 +370,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                 entry = {"step": step, "loss": float(loss.item()), "val_dice": val}
                 history.append(entry)
                 log.row(step, entry["loss"], sched.get_last_lr()[0], val, time.monotonic() - start)
+                if mining and step % cfg.hard_negative_every == 0 and step < cfg.steps:
+                    hard.centres = mine(net, train_data, Compose(cached), cfg.roi_size, cfg.overlap,
+                                        cfg.hard_negative_threshold, bf16=cpu_bf16).centres
+                    hard.save(run_dir / "hard_negatives.npz")
+                    log.note(f"step {step}: {len(hard)} false positives mined from {len(hard.centres)} volumes")
                 if val is not None:
                     torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                                 "scaler": scaler.state_dict(), "step": step, "best": best, "history": history,

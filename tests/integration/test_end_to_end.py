@@ -35,9 +35,9 @@ def _operating_point_copy(models_dir: Path, study_files: list[Path], out: Path) 
     import numpy as np
 
     from inference.backends.factory import make_backend
+    from inference.model_pass import model_logits
     from inference.model_repo import load_model
     from inference.preprocess import preprocess
-    from inference.sliding_window import sliding_window_infer
     from inference.volume import load_series
 
     shutil.copytree(models_dir / "lung_nodule_ct", out / "lung_nodule_ct")
@@ -45,8 +45,7 @@ def _operating_point_copy(models_dir: Path, study_files: list[Path], out: Path) 
     backend = make_backend(model)
     card = model.card
     image, _ = preprocess(load_series(study_files), card)
-    logits = sliding_window_infer(image, backend, card.input.name, card.output.name, card.input.roi_size,
-                                  card.input.overlap, card.input.batch_size, card.output.channels)
+    logits = model_logits(image, backend, card)
     backend.close()
     top = float(1.0 / (1.0 + np.exp(-logits[0].max())))
     meta = json.loads((out / "lung_nodule_ct" / "metadata.json").read_text())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from training.nodule_insertion import RandInsertNoduled, patch_noise_hu
@@ -61,3 +62,37 @@ def test_deterministic_and_keeps_tensor_type() -> None:
 def test_patch_noise_estimate() -> None:
     hu = _hu(_patch(-850.0, sigma=20.0)["image"])
     assert 17.0 < patch_noise_hu(hu, np.ones_like(hu, bool)) < 23.0
+
+
+def _equivalent_diameter_mm(label: np.ndarray, spacing: float = 1.5) -> float:
+    return float((6.0 * label.sum() * spacing**3 / np.pi) ** (1.0 / 3.0))
+
+
+def test_small_fraction_draws_small_nodules() -> None:
+    sizes = []
+    for seed in range(6):
+        t = RandInsertNoduled(("image", "label"), WINDOW, (1.5, 1.5, 1.5), prob=1.0, small_fraction=1.0,
+                              small_max_mm=5.0)
+        t.set_random_state(seed)
+        out = t(_patch(-850.0, seed=seed))
+        sizes.append(_equivalent_diameter_mm(np.asarray(out["label"])[0] > 0))
+    assert all(0 < s <= 5.0 * 1.3 for s in sizes), sizes   # lobulation adds at most ~ +20 % to the radius
+
+
+def test_juxtapleural_fraction_puts_the_nodule_on_the_lung_edge() -> None:
+    edge = 20                                   # lung for x < 20, chest wall (40 HU) beyond
+    for seed in range(4):
+        data = _patch(-850.0, seed=seed)
+        hu = _hu(data["image"])
+        hu[..., edge:] = 40.0
+        data["image"] = ((hu - WINDOW[0]) / (WINDOW[1] - WINDOW[0]))[None]
+        t = RandInsertNoduled(("image", "label"), WINDOW, (1.5, 1.5, 1.5), prob=1.0, juxtapleural_fraction=1.0)
+        t.set_random_state(seed)
+        nodule = np.asarray(t(data)["label"])[0] > 0
+        assert nodule.any()
+        assert np.argwhere(nodule)[:, 2].max() >= edge - 1   # it reaches the pleura
+
+
+def test_kind_weights_are_checked() -> None:
+    with pytest.raises(ValueError, match="kind_weights"):
+        RandInsertNoduled(("image", "label"), WINDOW, (1.5, 1.5, 1.5), kind_weights=(1.0, 0.0))

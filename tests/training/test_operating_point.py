@@ -55,3 +55,21 @@ def test_lowest_threshold_within_the_false_positive_budget(tmp_path: Path, budge
     assert chosen["calibration_fp_per_scan"] == fps
     assert chosen["calibration_sensitivity"] == 1.0 and chosen["calibration_nodules"] == 1
     assert above <= chosen["probability"] < below   # the cut lies between kept and dropped candidates
+
+
+def test_found_by_group_counts_hits_per_kind_size_and_pleura() -> None:
+    from training.cli import found_by_group
+
+    entries = [
+        {"seed": 1, "nodules": [
+            {"centre_mm": [0, 0, 0], "diameter_mm": 4.0, "kind": "ground-glass", "juxtapleural": False},
+            {"centre_mm": [50, 0, 0], "diameter_mm": 12.0, "kind": "solid", "juxtapleural": True}]},
+        {"seed": 2, "nodules": [
+            {"centre_mm": [0, 0, 0], "diameter_mm": 8.0, "kind": "solid", "juxtapleural": True}]},
+    ]
+    preds = [[((1.5, 0, 0), 0.9), ((50, 7, 0), 0.8)],   # a hit (1.5 < 2 mm); 7 mm off a 6 mm radius: a miss
+             [((0, 3.9, 0), 0.7)]]                       # 3.9 < 4 mm: a hit
+    out = found_by_group(preds, entries)
+    assert out["found"] == {"10-30 mm": "0/1", "3-6 mm": "1/1", "6-10 mm": "1/1", "ground-glass": "1/1",
+                            "juxtapleural": "1/2", "solid": "1/2"}
+    assert out["missed"] == [{"seed": 1, "diameter_mm": 12.0, "kind": "solid", "juxtapleural": True}]

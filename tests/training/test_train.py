@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from training.datasets import generate_dataset, phantom_case
-from training.train import DataConfig, DiceHardVoxelBCE, TrainConfig, cpu_has_bf16, train
+from training.train import DataConfig, DiceHardVoxelBCE, TrainConfig, cpu_has_bf16, load_config, train
 from training.transforms import (
     SAMPLING_KEY,
     NoduleSamplingMapd,
@@ -192,3 +192,33 @@ def test_training_patches_hold_every_class_in_proportion(tmp_path: Path, task: s
     assert len(patches) == 40 and all(p["image"].shape == (1, 8, 16, 16) for p in patches)
     with_foreground = sum(bool((p["label"] > 0).any()) for p in patches)
     assert with_foreground >= 20
+
+
+def test_hard_negative_mining_runs_on_schedule_and_resumes(tmp_path: Path) -> None:
+    kw = dict(val_every=2, hard_negative_every=2, hard_negative_threshold=0.3, insert_nodules=1.0,
+              insertion={"small_fraction": 0.5, "juxtapleural_fraction": 0.5, "kind_weights": (0.4, 0.3, 0.3)})
+    first = train(_cfg(tmp_path, steps=5, **kw), progress=False)
+    notes = (first.run_dir / "notes.txt").read_text().splitlines()
+    assert [n.split(":")[0] for n in notes] == ["step 2", "step 4"]
+    assert (first.run_dir / "hard_negatives.npz").is_file()
+    second = train(_cfg(tmp_path, steps=7, **kw), progress=False)   # resumes at step 4, mines again at 6
+    assert second.step == 7
+    assert [n.split(":")[0] for n in (second.run_dir / "notes.txt").read_text().splitlines()][-1] == "step 6"
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("config", sorted(p.relative_to(ROOT) for p in (ROOT / "training" / "configs").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_shipped_configs_load_and_match_the_models_they_register(config: Path) -> None:
+    import json
+
+    cfg = load_config(ROOT / config)
+    if cfg.register_to is None:
+        return
+    card = json.loads((ROOT / cfg.register_to / cfg.name / "metadata.json").read_text())
+    assert tuple(card["input"]["spacing_mm"]) == cfg.spacing_mm and tuple(card["input"]["window"]) == cfg.window
+    assert tuple(card["input"]["roi_size"]) == cfg.roi_size
+    assert [tuple(a) for a in card["input"].get("flips", [])] == [tuple(a) for a in cfg.flips]
+    assert card["training"]["command"].endswith(f"--config {config}")
