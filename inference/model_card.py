@@ -13,6 +13,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 NOT_FOR_CLINICAL_USE = "Research use only. Not for clinical use."
 
 
+def check_flip_axes(flips: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """Test-time flips must each name distinct model-grid axes among 0, 1, 2 (`InputSpec.flips`)."""
+    for axes in flips:
+        if any(a not in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes):
+            raise ValueError(f"flip axes must be distinct values among 0, 1, 2; got {list(axes)}")
+    return flips
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -44,13 +52,7 @@ class InputSpec(_Strict):
     # axes (0 = slice, 1 = row, 2 = column), probabilities averaged (inference.model_pass)
     flips: list[tuple[int, ...]] = []
 
-    @field_validator("flips")
-    @classmethod
-    def _distinct_axes(cls, flips: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
-        for axes in flips:
-            if any(a not in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes):
-                raise ValueError(f"flip axes must be distinct values among 0, 1, 2; got {list(axes)}")
-        return flips
+    _distinct_axes = field_validator("flips")(check_flip_axes)
 
 
 class OutputSpec(_Strict):

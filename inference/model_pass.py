@@ -22,7 +22,7 @@ _EPS = 1e-7
 
 
 def _activate(logits: np.ndarray, activation: str) -> np.ndarray:
-    """Probabilities, computed in place in `logits` (float32; one model-grid map per channel is all a pass costs)."""
+    """`postprocess.sigmoid` / `softmax`, but in place in `logits`, so a pass costs no second model-grid map."""
     if activation == "sigmoid":
         logits *= np.float32(0.5)
         np.tanh(logits, out=logits)
@@ -64,4 +64,3 @@ def model_logits(image_zyx: np.ndarray, backend: Backend, card: ModelCard,
         del probs
     total /= np.float32(1 + len(spec.flips))
     return _to_logits(total, activation)
-

@@ -24,11 +24,13 @@ from monai.losses import DiceCELoss, DiceLoss
 from monai.metrics import DiceMetric
 from monai.transforms import Compose
 from monai.utils import set_determinism
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from inference.model_card import check_flip_axes
 from training.datasets import generate_dataset
 from training.hard_negatives import CASE_KEY, HardNegativeIndicesd, HardNegativeStore, mine
 from training.networks import build_network
+from training.nodule_insertion import KIND_WEIGHTS
 from training.transforms import SPINE_LEVELS, augment_transforms, crop_size, load_transforms
 
 Task = Literal["lung-nodule", "spine-vertebrae"]
@@ -61,7 +63,7 @@ class InsertionConfig(_Cfg):
     small_fraction: float = Field(default=0.0, ge=0.0, le=1.0)   # diameters uniform in 3..small_max_mm
     small_max_mm: float = Field(default=8.0, gt=3.0)
     juxtapleural_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
-    kind_weights: tuple[float, float, float] = (0.6, 0.2, 0.2)    # solid, part-solid, ground glass
+    kind_weights: tuple[float, float, float] = KIND_WEIGHTS       # solid, part-solid, ground glass
 
 
 class TrainConfig(_Cfg):
@@ -98,6 +100,8 @@ class TrainConfig(_Cfg):
     hard_voxel_fraction: float | None = Field(default=None, gt=0.0, le=1.0)  # lung: BCE over the hardest voxels only
     cpu_bf16: bool = False                    # CPU: bfloat16 autocast + channels-last (where the CPU has bf16)
     benchmark: bool = True                    # time the exported model on a 300 x 512 x 512 chest CT grid
+
+    _flip_axes = field_validator("flips")(check_flip_axes)   # refused before training, not at registration
 
     @model_validator(mode="after")
     def _roi_fits_the_network(self) -> TrainConfig:
