@@ -329,7 +329,8 @@ def train_command(task: str, config: Path) -> int:
             "data": "synthetic", "generator": "training.synthetic",
             "train_seeds": [cfg.data.seed, cfg.data.seed + cfg.data.n_train - 1],
             "validation_seeds": [cfg.data.val_seed, cfg.data.val_seed + cfg.data.n_val - 1],
-            "rows": cfg.data.rows, "seed": cfg.seed, "steps": result.step, "network": {
+            "rows": cfg.data.rows, "nodules_per_training_scan": cfg.data.train_nodules or "0-4 (seeded)",
+            "seed": cfg.seed, "steps": result.step, "network": {
                 "type": "monai.networks.nets.UNet", "channels": list(cfg.channels),
                 "num_res_units": cfg.num_res_units},
             "command": f"dxgate train {task} --config {config}", "seconds": round(result.seconds),
@@ -337,7 +338,10 @@ def train_command(task: str, config: Path) -> int:
             "precision": "amp float16" if torch.cuda.is_available() else (
                 "bfloat16 autocast" if cfg.cpu_bf16 and cpu_has_bf16() else "float32"),
             "loss": type(make_loss(cfg)).__name__ + (
-                f" (BCE over the hardest {cfg.hard_voxel_fraction:.0%} of voxels)" if cfg.hard_voxel_fraction else ""),
+                f" (BCE over the hardest {cfg.hard_voxel_fraction:.0%} of voxels" + (
+                    f", + {cfg.nodule_weight:g} x BCE averaged per nodule" if cfg.nodule_weight else "") + ")"
+                if cfg.hard_voxel_fraction else ""),
+            "checkpoint": "best validation Dice" if cfg.checkpoint == "best" else "last step",
         },
         metrics=metrics,
     )

@@ -31,14 +31,15 @@ class Case:
     truth: dict[str, Any] = field(default_factory=dict)
 
 
-def _synthetic_case(task: str, seed: int, rows: int, slices: int | None, spacing: Sequence[float] | None) -> Case:
+def _synthetic_case(task: str, seed: int, rows: int, slices: int | None, spacing: Sequence[float] | None,
+                    nodules: int | None = None) -> Case:
     import importlib
 
     # imported lazily (another engineer's package); the submodules work before its __init__ re-exports them
     module = importlib.import_module("training.synthetic." + ("chest_ct" if task == "lung-nodule" else "spine_ct"))
     kwargs: dict[str, Any] = {"slices": slices, "rows": rows, "spacing": tuple(spacing) if spacing else None}
     if task == "lung-nodule":
-        vol = module.generate_chest_ct(seed, **kwargs)
+        vol = module.generate_chest_ct(seed, nodules=nodules, **kwargs)
         truth = {"nodules": [
             {"centre_mm": [float(c) for c in n.centre_mm], "diameter_mm": float(n.diameter_mm),
              "kind": str(getattr(n, "kind", "")), "juxtapleural": bool(getattr(n, "juxtapleural", False))}
@@ -121,9 +122,11 @@ def write_case(out_dir: Path, name: str, case: Case, seed: int) -> dict[str, Any
 def generate_dataset(
     task: str, out_dir: Path, section: str, n: int, seed: int, rows: int = 512,
     slices: int | None = None, spacing: Sequence[float] | None = None, phantom: bool = False,
-    progress: bool = True,
+    progress: bool = True, nodules: int | None = None,
 ) -> list[dict[str, Any]]:
     """Generate `n` cases with seeds seed..seed+n-1 into `out_dir` as datalist section `section`.
+
+    `nodules` sets the number of nodules per chest CT (None: the generator's seeded 0-4).
 
     Reuses the section when datalist.json already records the same parameters (the data are
     deterministic in the seed). Returns the entries with absolute paths.
@@ -133,6 +136,8 @@ def generate_dataset(
     datalist: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
     params = {"task": task, "n": n, "seed": seed, "rows": rows, "slices": slices,
               "spacing": list(spacing) if spacing else None, "phantom": phantom}
+    if nodules is not None:   # recorded only when set, so sections generated before keep matching
+        params["nodules"] = nodules
     if task == "spine-vertebrae" and not phantom:   # the annotation rule is part of what was generated
         from training.synthetic.spine_ct import MIN_VISIBLE_FRACTION
 
@@ -149,7 +154,7 @@ def generate_dataset(
 
             seeds = tqdm(seeds, desc=f"generate {section}", unit="case")
         for s in seeds:
-            case = phantom_case(task, s) if phantom else _synthetic_case(task, s, rows, slices, spacing)
+            case = phantom_case(task, s) if phantom else _synthetic_case(task, s, rows, slices, spacing, nodules)
             entries.append(write_case(out_dir, f"{section}_{s:06d}", case, s))
         datalist[section] = entries
         meta[section] = params

@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from training.datasets import generate_dataset, phantom_case
-from training.train import DataConfig, DiceHardVoxelBCE, TrainConfig, cpu_has_bf16, load_config, train
+from training.train import (
+    DataConfig,
+    DiceHardVoxelBCE,
+    TrainConfig,
+    cpu_has_bf16,
+    load_config,
+    per_nodule_mean,
+    train,
+)
 from training.transforms import (
     SAMPLING_KEY,
     NoduleSamplingMapd,
@@ -67,6 +75,45 @@ def test_hard_voxel_bce_weighs_a_confident_false_positive() -> None:
     hard_rise = float(hard(wrong, label) - hard(right, label))
     assert plain_rise < 0.01
     assert hard_rise > 0.3 and hard_rise > 50 * plain_rise
+
+
+def test_per_nodule_mean_weighs_every_nodule_alike() -> None:
+    """Two nodules of 8 and 1000 voxels in one patch, none in the other: the mean of their two means."""
+    label = torch.zeros(2, 1, 16, 24, 24)
+    label[0, 0, 1:3, 1:3, 1:3] = 1.0
+    label[0, 0, 5:15, 10:20, 10:20] = 1.0
+    loss = torch.rand(2, 1, 16, 24, 24)
+    small, large = loss[0, 0, 1:3, 1:3, 1:3].mean(), loss[0, 0, 5:15, 10:20, 10:20].mean()
+    assert float(per_nodule_mean(loss, label)) == pytest.approx(float(small + large) / 2, rel=1e-5)
+    assert float(per_nodule_mean(loss, torch.zeros_like(label))) == 0.0
+
+
+def test_nodule_weight_makes_a_missed_small_nodule_count() -> None:
+    """Missing a 2x2x2 nodule next to a found 12^3 one barely moves Dice + hard BCE; per nodule it does."""
+    label = torch.zeros(1, 1, 32, 48, 48)
+    label[..., 2:14, 2:14, 2:14] = 1.0
+    label[..., 20:22, 30:32, 30:32] = 1.0
+    right = torch.where(label > 0, 8.0, -8.0)
+    missed = right.clone()
+    missed[..., 20:22, 30:32, 30:32] = -8.0
+    without = float(DiceHardVoxelBCE(0.05)(missed, label) - DiceHardVoxelBCE(0.05)(right, label))
+    with_term = float(DiceHardVoxelBCE(0.05, 1.0)(missed, label) - DiceHardVoxelBCE(0.05, 1.0)(right, label))
+    assert without < 0.1
+    assert with_term > 3.0
+
+
+def test_checkpoint_last_returns_the_last_network(tmp_path: Path) -> None:
+    """A finished run reloads last.pt's network with `checkpoint: last`, best.pt's otherwise."""
+    cfg = dict(steps=4, val_every=2, nodule_weight=1.0, hard_voxel_fraction=0.05)
+    train(_cfg(tmp_path, **cfg), progress=False)
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["net"]
+    torch.save({k: v + 1.0 if v.is_floating_point() else v for k, v in last.items()}, tmp_path / "run" / "best.pt")
+
+    def same(net: torch.nn.Module, state: dict) -> bool:
+        return all(torch.equal(v.contiguous(), net.state_dict()[k].contiguous()) for k, v in state.items())
+
+    assert same(train(_cfg(tmp_path, checkpoint="last", **cfg), progress=False).net, last)
+    assert not same(train(_cfg(tmp_path, checkpoint="best", **cfg), progress=False).net, last)
 
 
 def test_resume_continues_from_checkpoint(tmp_path: Path) -> None:
@@ -222,3 +269,22 @@ def test_shipped_configs_load_and_match_the_models_they_register(config: Path) -
     assert tuple(card["input"]["roi_size"]) == cfg.roi_size
     assert [tuple(a) for a in card["input"].get("flips", [])] == [tuple(a) for a in cfg.flips]
     assert card["training"]["command"].endswith(f"--config {config}")
+
+
+def test_train_nodules_sets_the_count_in_training_scans_only(tmp_path: Path) -> None:
+    """`data.train_nodules` gives every training chest CT that many nodules; other sections keep the
+    generator's seeded count and their recorded parameters, so an existing held-out set is reused."""
+    from training.train import data_split
+
+    data = DataConfig(dir=tmp_path / "data", n_train=2, n_val=1, n_test=1, rows=48, slices=30, train_nodules=3,
+                      test_seed=9001)
+    cfg = _cfg(tmp_path, data=data)
+    assert [len(e["nodules"]) for e in data_split(cfg, "training", progress=False)] == [3, 3]
+    test = data_split(cfg, "test", progress=False)
+    import json
+
+    meta = json.loads((tmp_path / "data" / "datalist.json").read_text())["generation"]
+    assert meta["training"]["nodules"] == 3 and "nodules" not in meta["test"]
+    default = generate_dataset("lung-nodule", tmp_path / "other", "test", 1, seed=9001, rows=48, slices=30,
+                               progress=False)
+    assert test[0]["nodules"] == default[0]["nodules"]
