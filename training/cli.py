@@ -115,25 +115,58 @@ def _curve_candidates(logits: np.ndarray, volume: Any, info: Any, image: np.ndar
                              max_mean_hu=card.thresholds.max_mean_hu)
 
 
-def found_by_group(preds: list[list[tuple[tuple[float, float, float], float]]], entries: list[dict[str, Any]]
-                   ) -> dict[str, Any]:
-    """Nodules found (LUNA16 hit rule) per kind, size band and juxtapleural flag, with the missed ones listed."""
+DENSE_HU = -400.0           # vessel wall, pleura, chest wall: denser than any ground glass
+ATTACHED_FRACTION = 0.05   # a nodule is "attached" when this much of its 1-4 mm outer shell is dense
+
+
+def nodule_surroundings(entry: dict[str, Any], volume: Any, info: Any, hu: np.ndarray) -> list[float]:
+    """Per nodule of `entry`: the fraction of the shell 1-4 mm outside its radius above DENSE_HU, on the
+    model grid (`hu`, [Z, Y, X] in HU). Near 0 for a nodule alone in the lung; ~0.3 against the pleura."""
+    hu = np.asarray(hu, dtype=np.float32).reshape(hu.shape[-3:])
+    spacing = np.asarray(info.target_spacing, dtype=np.float64)
+    to_model = np.asarray(info.source_spacing, dtype=np.float64) / spacing
+    out = []
+    for n in entry["nodules"]:
+        centre = np.asarray(volume.patient_to_index(np.asarray(n["centre_mm"], dtype=np.float64))) * to_model
+        r = float(n["diameter_mm"]) / 2
+        lo = np.maximum(0, np.floor(centre - (r + 4.0) / spacing).astype(int))
+        hi = np.minimum(hu.shape, np.ceil(centre + (r + 4.0) / spacing).astype(int) + 1)
+        grid = np.meshgrid(*(np.arange(a, b) for a, b in zip(lo, hi, strict=True)), indexing="ij")
+        dist = np.sqrt(sum(((g - c) * s) ** 2 for g, c, s in zip(grid, centre, spacing, strict=True)))
+        shell = (dist > r + 1.0) & (dist < r + 4.0)
+        box = hu[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))]
+        out.append(float((box[shell] > DENSE_HU).mean()) if shell.any() else 0.0)
+    return out
+
+
+def found_by_group(preds: list[list[tuple[tuple[float, float, float], float]]], entries: list[dict[str, Any]],
+                   surroundings: list[list[float]] | None = None) -> dict[str, Any]:
+    """Nodules found (LUNA16 hit rule) per kind, size band and juxtapleural flag, with the missed ones listed.
+
+    With `surroundings` (`nodule_surroundings` per entry) also "attached" (dense tissue next to the nodule) or
+    "isolated", and the missed ones carry their dense fraction.
+    """
     from training.metrics.froc import match_scan
 
     groups: dict[str, list[int]] = {}
     missed = []
-    for case, entry in zip(preds, entries, strict=True):
+    for i, (case, entry) in enumerate(zip(preds, entries, strict=True)):
         truths = [(n["centre_mm"], n["diameter_mm"]) for n in entry["nodules"]]
-        for n, p in zip(entry["nodules"], match_scan(case, truths).nodule_probs, strict=True):
+        dense = surroundings[i] if surroundings is not None else [None] * len(truths)
+        for n, p, f in zip(entry["nodules"], match_scan(case, truths).nodule_probs, dense, strict=True):
             d = float(n["diameter_mm"])
             size = "3-6 mm" if d < 6 else ("6-10 mm" if d < 10 else "10-30 mm")
-            for key in (n.get("kind") or "unknown", size, *(["juxtapleural"] if n.get("juxtapleural") else [])):
+            keys = [n.get("kind") or "unknown", size, *(["juxtapleural"] if n.get("juxtapleural") else [])]
+            if f is not None:
+                keys.append("attached" if f >= ATTACHED_FRACTION else "isolated")
+            for key in keys:
                 groups.setdefault(key, [0, 0])
                 groups[key][0] += p is not None
                 groups[key][1] += 1
             if p is None:
                 missed.append({"seed": entry.get("seed"), "diameter_mm": round(d, 1), "kind": n.get("kind"),
-                               "juxtapleural": bool(n.get("juxtapleural"))})
+                               "juxtapleural": bool(n.get("juxtapleural")),
+                               **({"dense_fraction": round(f, 2)} if f is not None else {})})
     return {"found": {k: f"{v[0]}/{v[1]}" for k, v in sorted(groups.items())}, "missed": missed}
 
 
@@ -186,7 +219,7 @@ def evaluate(net: torch.nn.Module, card_fields: dict[str, Any], entries: list[di
 
     card = ModelCard.model_validate({**card_fields, "version": "eval", "weights_sha256": "0" * 64})
     backend = _TorchBackend(net) if backend is None else backend
-    curve_preds, op_preds, truths, results = [], [], [], []
+    curve_preds, op_preds, truths, results, dense = [], [], [], [], []
     for entry in entries:
         volume, image, info, logits = _infer_case(entry, card, backend)
         if card.postprocess == "nodules":
@@ -194,6 +227,8 @@ def evaluate(net: torch.nn.Module, card_fields: dict[str, Any], entries: list[di
             curve_preds.append(_curve_candidates(logits, volume, info, image, card))
             found, _ = postprocess(logits, volume, card, info)
             op_preds.append([(f.centre_mm, f.probability) for f in found])
+            low, high = card.input.window
+            dense.append(nodule_surroundings(entry, volume, info, low + np.asarray(image) * (high - low)))
         else:
             found, _ = postprocess(logits, volume, card, info)
             verse = dict(zip(range(1, 26), SPINE_VERSE_VALUES, strict=True))
@@ -213,7 +248,7 @@ def evaluate(net: torch.nn.Module, card_fields: dict[str, Any], entries: list[di
                 "operating_point": {"probability": card.thresholds.probability,
                                     "sensitivity": at.n_true_positives / max(at.n_nodules, 1),
                                     "fp_per_scan": at.n_false_positives / max(len(entries), 1),
-                                    **found_by_group(op_preds, entries)},
+                                    **found_by_group(op_preds, entries, dense)},
                 "method": "inference.preprocess + sliding_window + postprocess (as served); LUNA16 FROC "
                           "(training.metrics.froc.froc_cpm); curve from model-grid components at p > 0.05 "
                           "(training.cli.nodule_candidates, thresholds.min/max_mean_hu applied), operating point "

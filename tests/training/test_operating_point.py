@@ -73,3 +73,27 @@ def test_found_by_group_counts_hits_per_kind_size_and_pleura() -> None:
     assert out["found"] == {"10-30 mm": "0/1", "3-6 mm": "1/1", "6-10 mm": "1/1", "ground-glass": "1/1",
                             "juxtapleural": "1/2", "solid": "1/2"}
     assert out["missed"] == [{"seed": 1, "diameter_mm": 12.0, "kind": "solid", "juxtapleural": True}]
+
+
+def test_nodule_surroundings_tells_a_nodule_on_the_pleura_from_one_alone() -> None:
+    """Dense fraction of the 1-4 mm shell: 0 in open lung, ~0.4 against a wall; grouped as attached/isolated."""
+    from types import SimpleNamespace
+
+    from inference.volume import Volume
+    from training.cli import found_by_group, nodule_surroundings
+
+    hu = np.full((40, 60, 60), -850.0, dtype=np.float32)
+    hu[:, :, 40:] = 40.0                                   # chest wall from x = 40 voxels (60 mm) on
+    volume = Volume(voxels=hu, spacing=(1.5, 1.5, 1.5), origin=np.zeros(3), direction=np.eye(3),
+                    sop_instance_uids=[f"2.25.{i + 1}" for i in range(40)], modality="CT",
+                    frame_of_reference_uid="2.25.1")
+    info = SimpleNamespace(source_spacing=(1.5, 1.5, 1.5), target_spacing=(1.5, 1.5, 1.5))
+    entry = {"seed": 1, "nodules": [
+        {"centre_mm": [20.0, 45.0, 30.0], "diameter_mm": 4.0, "kind": "solid", "juxtapleural": False},
+        {"centre_mm": [57.0, 45.0, 30.0], "diameter_mm": 4.0, "kind": "solid", "juxtapleural": True}]}
+    alone, on_wall = nodule_surroundings(entry, volume, info, hu)
+    assert alone == 0.0
+    assert 0.2 < on_wall < 0.6
+    out = found_by_group([[((20.0, 45.0, 30.0), 0.9)]], [entry], [[alone, on_wall]])
+    assert out["found"]["isolated"] == "1/1" and out["found"]["attached"] == "0/1"
+    assert out["missed"][0]["dense_fraction"] == round(on_wall, 2)
