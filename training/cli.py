@@ -107,10 +107,14 @@ def _infer_case(entry: dict[str, Any], card: Any, backend: Any) -> tuple[Any, np
     return volume, image, info, logits
 
 
-def _curve_candidates(logits: np.ndarray, volume: Any, info: Any, image: np.ndarray, card: Any
-                      ) -> list[tuple[tuple[float, float, float], float]]:
+def _model_grid_hu(image: np.ndarray, card: Any) -> np.ndarray:
+    """The preprocessed image (windowed to [0, 1]) back in HU, clipped to the card's window."""
     low, high = card.input.window
-    hu = low + np.asarray(image, dtype=np.float32) * (high - low)  # windowed [0, 1] -> HU (clipped)
+    return low + np.asarray(image, dtype=np.float32) * (high - low)
+
+
+def _curve_candidates(logits: np.ndarray, volume: Any, info: Any, hu: np.ndarray, card: Any
+                      ) -> list[tuple[tuple[float, float, float], float]]:
     return nodule_candidates(logits, volume, info, hu=hu, min_mean_hu=card.thresholds.min_mean_hu,
                              max_mean_hu=card.thresholds.max_mean_hu)
 
@@ -224,11 +228,11 @@ def evaluate(net: torch.nn.Module, card_fields: dict[str, Any], entries: list[di
         volume, image, info, logits = _infer_case(entry, card, backend)
         if card.postprocess == "nodules":
             truths.append([(n["centre_mm"], n["diameter_mm"]) for n in entry["nodules"]])
-            curve_preds.append(_curve_candidates(logits, volume, info, image, card))
+            hu = _model_grid_hu(image, card)
+            curve_preds.append(_curve_candidates(logits, volume, info, hu, card))
             found, _ = postprocess(logits, volume, card, info)
             op_preds.append([(f.centre_mm, f.probability) for f in found])
-            low, high = card.input.window
-            dense.append(nodule_surroundings(entry, volume, info, low + np.asarray(image) * (high - low)))
+            dense.append(nodule_surroundings(entry, volume, info, hu))
         else:
             found, _ = postprocess(logits, volume, card, info)
             verse = dict(zip(range(1, 26), SPINE_VERSE_VALUES, strict=True))
@@ -336,6 +340,17 @@ def _evaluate_exported(net: torch.nn.Module, fields: dict[str, Any], test: list[
             backend.close()
 
 
+def _loss_description(cfg: TrainConfig) -> str:
+    """The model card's words for the training loss."""
+    parts = []
+    if cfg.hard_voxel_fraction:
+        parts.append(f"BCE over the hardest {cfg.hard_voxel_fraction:.0%} of voxels")
+        if cfg.nodule_weight:
+            parts.append(f"+ {cfg.nodule_weight:g} x BCE averaged per nodule")
+    name = type(make_loss(cfg)).__name__
+    return f"{name} ({', '.join(parts)})" if parts else name
+
+
 def train_command(task: str, config: Path) -> int:
     """Run one training task end to end; returns a process exit status (0 = model registered)."""
     try:
@@ -364,7 +379,8 @@ def train_command(task: str, config: Path) -> int:
             "data": "synthetic", "generator": "training.synthetic",
             "train_seeds": [cfg.data.seed, cfg.data.seed + cfg.data.n_train - 1],
             "validation_seeds": [cfg.data.val_seed, cfg.data.val_seed + cfg.data.n_val - 1],
-            "rows": cfg.data.rows, "nodules_per_training_scan": cfg.data.train_nodules or "0-4 (seeded)",
+            "rows": cfg.data.rows,
+            "nodules_per_training_scan": "0-4 (seeded)" if cfg.data.train_nodules is None else cfg.data.train_nodules,
             "seed": cfg.seed, "steps": result.step, "network": {
                 "type": "monai.networks.nets.UNet", "channels": list(cfg.channels),
                 "num_res_units": cfg.num_res_units},
@@ -372,10 +388,7 @@ def train_command(task: str, config: Path) -> int:
             "device": "cuda" if torch.cuda.is_available() else "cpu",
             "precision": "amp float16" if torch.cuda.is_available() else (
                 "bfloat16 autocast" if cfg.cpu_bf16 and cpu_has_bf16() else "float32"),
-            "loss": type(make_loss(cfg)).__name__ + (
-                f" (BCE over the hardest {cfg.hard_voxel_fraction:.0%} of voxels" + (
-                    f", + {cfg.nodule_weight:g} x BCE averaged per nodule" if cfg.nodule_weight else "") + ")"
-                if cfg.hard_voxel_fraction else ""),
+            "loss": _loss_description(cfg),
             "checkpoint": "best validation Dice" if cfg.checkpoint == "best" else "last step",
         },
         metrics=metrics,

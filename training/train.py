@@ -423,9 +423,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         log.close()
         if bar is not None:
             bar.close()
-    if cfg.checkpoint == "last" and last.is_file():
-        net.load_state_dict(torch.load(last, map_location=device, weights_only=False)["net"])
-    elif (run_dir / "best.pt").is_file():
+    # `net` is the last step's network here (trained to the end, or a finished run resumed from last.pt)
+    if cfg.checkpoint == "best" and (run_dir / "best.pt").is_file():
         net.load_state_dict(torch.load(run_dir / "best.pt", map_location=device, weights_only=True))
     net = net.to("cpu", memory_format=torch.contiguous_format).eval()
     return TrainResult(net=net, run_dir=run_dir, step=step, best_metric=best, history=history,
