@@ -390,6 +390,7 @@ def train_command(task: str, config: Path) -> int:
                 "bfloat16 autocast" if cfg.cpu_bf16 and cpu_has_bf16() else "float32"),
             "loss": _loss_description(cfg),
             "checkpoint": "best validation Dice" if cfg.checkpoint == "best" else "last step",
+            **({"initialised_from": str(cfg.init_from)} if cfg.init_from is not None else {}),
         },
         metrics=metrics,
     )

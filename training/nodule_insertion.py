@@ -22,6 +22,7 @@ from training.synthetic.chest_ct import NODULE_KINDS, Nodule, paint_nodule, samp
 from training.synthetic.phantom import Grid
 
 LUNG_HU = (-950.0, -500.0)       # parenchyma (vessels and walls excluded) where a centre may lie
+DENSE_HU = -400.0                # vessel, airway wall, pleura: denser than any ground glass
 KIND_WEIGHTS = (0.6, 0.2, 0.2)   # solid, part-solid, ground-glass (as the generator draws them)
 _PROBES = 40
 
@@ -56,13 +57,15 @@ class RandInsertNoduled(Randomizable, MapTransform):
     The nodules the generator's distribution makes hardest can be drawn more often: `small_fraction` of
     the diameters uniformly in 3..`small_max_mm`, `kind_weights` for solid / part-solid / ground glass, and
     `juxtapleural_fraction` of the nodules centred 0.5-1 radius inside the lung's edge (at least 30 % of
-    the probes in lung), as the generator's juxtapleural nodules are.
+    the probes in lung), as the generator's juxtapleural nodules are; `vessel_fraction` of the others
+    centred 0.6 radius to radius + 1 mm from dense tissue (> -400 HU: a vessel, an airway wall, the
+    pleura), so they abut it, as the small nodules a 1.5 mm model misses do.
     """
 
     def __init__(self, keys: KeysCollection, window: Sequence[float], spacing_mm: Sequence[float],
                  prob: float = 0.5, max_diameter_mm: float = 30.0, small_fraction: float = 0.0,
                  small_max_mm: float = 8.0, juxtapleural_fraction: float = 0.0,
-                 kind_weights: Sequence[float] = KIND_WEIGHTS) -> None:
+                 kind_weights: Sequence[float] = KIND_WEIGHTS, vessel_fraction: float = 0.0) -> None:
         MapTransform.__init__(self, keys)
         self.low, self.high = float(window[0]), float(window[1])
         self.spacing = tuple(float(s) for s in spacing_mm)
@@ -71,6 +74,7 @@ class RandInsertNoduled(Randomizable, MapTransform):
         self.small_fraction = float(small_fraction)
         self.small_max_mm = float(small_max_mm)
         self.juxtapleural_fraction = float(juxtapleural_fraction)
+        self.vessel_fraction = float(vessel_fraction)
         w = np.asarray(kind_weights, dtype=float)
         if w.shape != (len(NODULE_KINDS),) or (w < 0).any() or w.sum() <= 0:
             raise ValueError(f"kind_weights needs {len(NODULE_KINDS)} non-negative weights, got {kind_weights}")
@@ -110,19 +114,23 @@ class RandInsertNoduled(Randomizable, MapTransform):
         extent = (np.asarray(hu.shape) - 1) * sp
         soft = ndimage.uniform_filter((hu < LUNG_HU[1]).astype(np.float32), size=3) > 0.5
         pleural = self.R.uniform() < self.juxtapleural_fraction
+        vessel = not pleural and self.R.uniform() < self.vessel_fraction
         depth = ndimage.distance_transform_edt(soft, sampling=sp) if pleural else None
+        to_dense = ndimage.distance_transform_edt(hu <= DENSE_HU, sampling=sp) if vessel else None
         for _ in range(20):
             r = min(self._diameter(), self.max_diameter_mm, 0.5 * float(extent.min())) / 2
             if depth is not None:  # centres 0.5-1 radius inside the lung's edge
                 near = np.argwhere(lung & (depth > 0.5 * r) & (depth < r))
-                if len(near) == 0:
-                    continue
-                centre = near[self.R.randint(len(near))]
+            elif to_dense is not None:  # abutting a vessel or wall
+                near = np.argwhere(lung & (to_dense > 0.6 * r) & (to_dense < r + 1.0))
             else:
-                centre = candidates[self.R.randint(len(candidates))]
+                near = candidates
+            if len(near) == 0:
+                continue
+            centre = near[self.R.randint(len(near))]
             probes = np.round((centre * sp + self._dirs * (r + 1.5)) / sp).astype(int)
             inside = np.all((probes >= 0) & (probes < np.asarray(hu.shape)), axis=1)
-            need = 0.3 if depth is not None else 0.7
+            need = 0.3 if depth is not None else 0.5 if to_dense is not None else 0.7
             if inside.sum() < 0.7 * _PROBES or soft[tuple(probes[inside].T)].sum() < need * _PROBES:
                 continue
             kind = str(self.R.choice(NODULE_KINDS, p=self.kind_weights))

@@ -66,6 +66,7 @@ class InsertionConfig(_Cfg):
     small_max_mm: float = Field(default=8.0, gt=3.0)
     juxtapleural_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
     kind_weights: tuple[float, float, float] = KIND_WEIGHTS       # solid, part-solid, ground glass
+    vessel_fraction: float = Field(default=0.0, ge=0.0, le=1.0)  # centred against a vessel / dense tissue
 
 
 class TrainConfig(_Cfg):
@@ -92,6 +93,7 @@ class TrainConfig(_Cfg):
     run_dir: Path = Path("training/runs/default")
     register_to: Path | None = None
     resume: bool = True
+    init_from: Path | None = None             # a fresh run starts from these network weights (best.pt / last.pt)
     probability: float = 0.5
     insert_nodules: float = 0.0              # lung: probability of painting an extra nodule into a patch
     insertion: InsertionConfig = Field(default_factory=lambda: InsertionConfig())
@@ -319,6 +321,14 @@ def _logged_seconds(path: Path, step: int) -> float:
     return float(rows[-1][4]) if rows else 0.0
 
 
+def initial_weights(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    """Network weights to start from: a `best.pt` state dict or a `last.pt` checkpoint (its "net")."""
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from: no checkpoint at {path}")
+    state = torch.load(path, map_location=device, weights_only=False)
+    return state["net"] if isinstance(state, dict) and "net" in state else state
+
+
 def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     """Train (resuming from run_dir/last.pt when present and cfg.resume); returns the best network."""
     start = time.monotonic()
@@ -331,6 +341,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
     net = make_network(cfg).to(device)
+    last = run_dir / "last.pt"
+    if cfg.init_from is not None and not (cfg.resume and last.is_file()):
+        net.load_state_dict(initial_weights(cfg.init_from, device))
     loss_fn = make_loss(cfg)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     # closed-form cosine decay to 2 % of lr: a resumed run with more steps continues on the longer curve
@@ -343,7 +356,6 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     if cpu_bf16:  # oneDNN's bf16 convolutions want channels-last; weights and optimiser stay float32
         net = net.to(memory_format=torch.channels_last_3d)
     step, best, history, earlier = 0, -1.0, [], 0.0
-    last = run_dir / "last.pt"
     if cfg.resume and last.is_file():
         state = torch.load(last, map_location=device, weights_only=False)
         net.load_state_dict(state["net"])

@@ -93,6 +93,24 @@ def test_juxtapleural_fraction_puts_the_nodule_on_the_lung_edge() -> None:
         assert np.argwhere(nodule)[:, 2].max() >= edge - 1   # it reaches the pleura
 
 
+def test_vessel_fraction_puts_the_nodule_against_a_vessel() -> None:
+    """A 40 HU vessel along z through open lung: every nodule drawn with vessel_fraction 1 abuts it."""
+    for seed in range(4):
+        data = _patch(-850.0, seed=seed)
+        hu = _hu(data["image"])
+        yy, xx = np.mgrid[:40, :40]
+        tube = (yy - 20) ** 2 + (xx - 20) ** 2 <= 4
+        hu[:, tube] = 40.0
+        data["image"] = ((hu - WINDOW[0]) / (WINDOW[1] - WINDOW[0]))[None]
+        t = RandInsertNoduled(("image", "label"), WINDOW, (1.5, 1.5, 1.5), prob=1.0, vessel_fraction=1.0,
+                              small_fraction=1.0, small_max_mm=6.0)
+        t.set_random_state(seed)
+        nodule = np.asarray(t(data)["label"])[0] > 0
+        assert nodule.any()
+        gap_mm = 1.5 * np.sqrt(((np.argwhere(nodule)[:, 1:] - 20) ** 2).sum(1)).min() - 3.0   # tube radius 2 voxels
+        assert gap_mm <= 1.5, gap_mm                       # within a voxel of the vessel wall
+
+
 def test_kind_weights_are_checked() -> None:
     with pytest.raises(ValueError, match="kind_weights"):
         RandInsertNoduled(("image", "label"), WINDOW, (1.5, 1.5, 1.5), kind_weights=(1.0, 0.0))

@@ -116,6 +116,23 @@ def test_checkpoint_last_returns_the_last_network(tmp_path: Path) -> None:
     assert not same(train(_cfg(tmp_path, checkpoint="best", **cfg), progress=False).net, last)
 
 
+def test_init_from_starts_a_fresh_run_from_given_weights(tmp_path: Path) -> None:
+    """`init_from` seeds a new run's network (state dict or checkpoint); a missing file is refused."""
+    first = train(_cfg(tmp_path / "a", steps=2, val_every=2), progress=False)
+    seed = {k: v + 0.5 if v.is_floating_point() else v for k, v in first.net.state_dict().items()}
+    torch.save(seed, tmp_path / "seed.pt")
+    fresh = train(_cfg(tmp_path / "b", steps=1, val_every=1, lr=1e-9, init_from=tmp_path / "seed.pt"),
+                  progress=False)
+    weight = "model.0.conv.unit0.conv.weight"
+    assert weight in seed
+    assert torch.allclose(fresh.net.state_dict()[weight], seed[weight], atol=1e-6)
+    from_checkpoint = train(_cfg(tmp_path / "c", steps=1, val_every=1, lr=1e-9,
+                                 init_from=tmp_path / "a" / "run" / "last.pt"), progress=False)
+    assert torch.allclose(from_checkpoint.net.state_dict()[weight], first.net.state_dict()[weight], atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        train(_cfg(tmp_path / "d", steps=1, init_from=tmp_path / "missing.pt"), progress=False)
+
+
 def test_resume_continues_from_checkpoint(tmp_path: Path) -> None:
     first = train(_cfg(tmp_path, steps=4, val_every=2), progress=False)
     assert first.step == 4 and (tmp_path / "run" / "last.pt").is_file()
