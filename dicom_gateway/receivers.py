@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import faulthandler
 import json
 import logging
 import multiprocessing as mp
@@ -40,6 +41,33 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 START_TIMEOUT_S = 60.0
 RESTART_MIN_INTERVAL_S = 1.0
 MONITOR_INTERVAL_S = 0.5
+SHUTDOWN_GRACE_S = 15.0  # a stopping receiver that is still alive after this dumps its threads and exits
+
+
+class StopRequest:
+    """Set by a signal (SIGTERM, also sent by Linux when the parent dies), read by the receiver's loop.
+
+    The handler only appends to a list. A handler that takes a lock deadlocks when the signal lands
+    while the main thread holds that lock: `threading.Event.set()` in the handler against
+    `Event.wait()` in the loop froze a receiver for good under load.
+    """
+
+    def __init__(self) -> None:
+        self._signals: list[int] = []
+
+    def install(self, signum: int = signal.SIGTERM) -> None:
+        signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self._signals.append(signum)
+
+    def __bool__(self) -> bool:
+        return bool(self._signals)
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep unless already requested (a signal interrupts the sleep only to run the handler)."""
+        if not self._signals:
+            time.sleep(seconds)
 
 
 # -- child side -------------------------------------------------------------------------------
@@ -109,8 +137,8 @@ def run_receiver(settings_json_or_path: str, stop_event: MpEvent, ready: MpEvent
 
     parent_pid = parent_pid if parent_pid is not None else os.getppid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent decides
-    term = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: term.set())
+    term = StopRequest()
+    term.install(signal.SIGTERM)
     _die_with_parent(parent_pid)
     settings = _load_settings(settings_json_or_path)
     configure_logging(settings.log_level, settings.log_format)
@@ -122,12 +150,15 @@ def run_receiver(settings_json_or_path: str, stop_event: MpEvent, ready: MpEvent
     if ready is not None:
         ready.set()
     try:
-        while not (term.is_set() or stop_event.is_set()):
+        while not (term or stop_event.is_set()):
             if os.getppid() != parent_pid:
                 log.warning("receiver's parent is gone; stopping")
                 break
-            term.wait(MONITOR_INTERVAL_S)
+            term.sleep(MONITOR_INTERVAL_S)
     finally:
+        # From here the process ends within the grace period whatever a peer or a thread does; if it
+        # has to be cut short, the stacks of all its threads go to stderr (the log) first.
+        faulthandler.dump_traceback_later(SHUTDOWN_GRACE_S, exit=True)
         scp.stop()  # aborts open associations; their close is recorded and reported
         store.close()
         log.info("receiver stopped", extra={"reason": f"pid {os.getpid()}"})
