@@ -1,0 +1,385 @@
+"""Experiment (not served): a second stage that scores blob candidates found at 1 mm, beside the lung model.
+
+The lung model misses small nodules against a vessel or the pleura with probabilities near 0, so no threshold
+or post-processing of its map recovers them. This probe adds candidates it does not depend on and a classifier:
+
+1. candidates: maxima of the scale-normalised Laplacian of Gaussian (sigma 1.0-2.8 mm, HU clipped to
+   [-1000, 100]) on the CT resampled to 1 mm, inside the lungs closed by 6 mm (so juxtapleural and vessel-attached
+   nodules stay in); about 2000-4000 per 512-row chest CT.
+2. a small 3D CNN (`CandidateNet`, 0.33 M parameters) scores a 28 mm patch around each candidate; it is trained
+   on candidates of generated CTs that no evaluation uses (seeds 3000-3059, 8 nodules each): candidates within a
+   nodule's radius (nodules <= 12 mm) and jittered nodule centres are positive, 700 other candidates per CT
+   negative.
+3. the FROC candidates are the first stage's components (as `training.cli.nodule_candidates` makes them) plus
+   every blob candidate with the classifier's probability (`union`), or other combinations (`COMBINATIONS`).
+
+Commands (each resumes by skipping outputs that exist):
+
+    python -m training.two_stage_probe patches OUT_DIR 3000 3060
+    python -m training.two_stage_probe train PATCH_DIR CLASSIFIER.pt --minutes 22
+    python -m training.two_stage_probe maps MODEL_DIR DATALIST SPLIT MAP_DIR
+    python -m training.two_stage_probe candidates DATALIST SPLIT CANDIDATE_DIR
+    python -m training.two_stage_probe evaluate CLASSIFIER.pt DATALIST SPLIT MAP_DIR CANDIDATE_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import nn
+
+SIGMAS_MM = (1.0, 1.4, 2.0, 2.8)   # blob radius ~ sigma * sqrt(3): 3.5-10 mm nodules
+LOG_FLOOR = 40.0                   # scale-normalised LoG response (HU) a candidate must exceed
+PATCH = 32                         # stored patch edge (voxels of 1 mm); the network sees a 28 mm crop
+CROP = 28
+MAX_DIAMETER_MM = 12.0             # larger nodules are the first stage's (it finds every 10-30 mm one)
+WINDOW = (-1000.0, 400.0)
+
+
+def zoom_iso(hu: np.ndarray, spacing: tuple[float, float, float], iso_mm: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Trilinear resampling to `iso_mm` voxels (z, y, x); returns the volume and its spacing."""
+    size = [int(round(n * s / iso_mm)) for n, s in zip(hu.shape, spacing, strict=True)]
+    with torch.no_grad():
+        out = nn.functional.interpolate(torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32))[None, None],
+                                        size=size, mode="trilinear", align_corners=True)[0, 0].numpy()
+    factor = (np.asarray(size) - 1) / (np.asarray(hu.shape) - 1)
+    return out, np.asarray(spacing, dtype=float) / factor
+
+
+def lung_mask(hu: np.ndarray) -> np.ndarray:
+    """The (up to 3) large air regions not touching the in-plane border, closed by a 6 mm ball (on a 2 mm grid)."""
+    half = hu[::2, ::2, ::2] < -400
+    lab, n = ndimage.label(half)
+    border = np.unique(np.concatenate([lab[:, 0].ravel(), lab[:, -1].ravel(), lab[:, :, 0].ravel(),
+                                       lab[:, :, -1].ravel()]))
+    sizes = ndimage.sum(half, lab, np.arange(1, n + 1))
+    keep = np.zeros(n + 1, dtype=bool)
+    for i in np.argsort(-sizes)[:3]:
+        if i + 1 not in border and sizes[i] > 20000:
+            keep[i + 1] = True
+    lung = keep[lab]
+    g = np.mgrid[-3:4, -3:4, -3:4]
+    ball = (g ** 2).sum(0) <= 9
+    closed = ndimage.binary_erosion(ndimage.binary_dilation(lung, ball), ball, border_value=1) | lung
+    full = closed.repeat(2, 0).repeat(2, 1).repeat(2, 2)[: hu.shape[0], : hu.shape[1], : hu.shape[2]]
+    return np.pad(full, [(0, a - b) for a, b in zip(hu.shape, full.shape, strict=True)])
+
+
+def log_candidates(iso: np.ndarray, floor: float = LOG_FLOOR) -> tuple[np.ndarray, np.ndarray]:
+    """Blob candidates on a 1 mm volume: (voxel indices [N, 3], LoG responses [N])."""
+    img = np.clip(iso, -1000.0, 100.0)
+    best: np.ndarray | None = None
+    for s in SIGMAS_MM:
+        r = -(s ** 2) * ndimage.gaussian_laplace(img, s, truncate=3.0)
+        best = r if best is None else np.maximum(best, r)
+    assert best is not None
+    peaks = np.argwhere((best == ndimage.maximum_filter(best, size=3)) & (best > floor) & lung_mask(iso))
+    return peaks, best[tuple(peaks.T)]
+
+
+def to_u8(hu: np.ndarray) -> np.ndarray:
+    lo, hi = WINDOW
+    return np.clip((hu - lo) * (255.0 / (hi - lo)), 0, 255).astype(np.uint8)
+
+
+def patches(u8: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    h = PATCH // 2
+    pad = np.pad(u8, h, mode="constant", constant_values=0)
+    out = np.empty((len(idx), PATCH, PATCH, PATCH), dtype=np.uint8)
+    for i, (z, y, x) in enumerate(np.asarray(idx, dtype=int)):
+        out[i] = pad[z:z + PATCH, y:y + PATCH, x:x + PATCH]
+    return out
+
+
+def scan_candidates(hu: np.ndarray, spacing: Any, origin: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                                                      np.ndarray]:
+    """(1 mm uint8 volume, candidate indices, LoG responses, candidate xyz mm, 1 mm spacing)."""
+    iso, sp = zoom_iso(hu, tuple(spacing))
+    pk, sc = log_candidates(iso)
+    o = np.asarray(origin, dtype=float)
+    mm = np.stack([o[0] + pk[:, 2] * sp[2], o[1] + pk[:, 1] * sp[1], o[2] + pk[:, 0] * sp[0]], 1)
+    return to_u8(iso), pk, sc, mm, sp
+
+
+def training_patches(seed: int, nodules: int = 8, n_neg: int = 700, rows: int = 512, slices: int | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Labelled patches of one generated chest CT: (patches, labels 1/0, candidate count)."""
+    from training.synthetic.chest_ct import generate_chest_ct
+
+    rng = np.random.default_rng(seed)
+    sv = generate_chest_ct(seed, nodules=nodules, rows=rows, slices=slices)
+    u8, pk, _, mm, sp = scan_candidates(sv.hu, sv.spacing, sv.origin)
+    o = np.asarray(sv.origin, dtype=float)
+    lab = np.zeros(len(pk), dtype=np.int8)      # 1 positive, 0 negative, -1 left out (edge or large nodule)
+    extra = []
+    for n in sv.nodules:
+        c = np.asarray(n.centre_mm)
+        r = n.diameter_mm / 2
+        d = np.linalg.norm(mm - c, axis=1)
+        if n.diameter_mm > MAX_DIAMETER_MM:
+            lab[d < r + 2] = -1
+            continue
+        lab[(d < r) & (lab == 0)] = 1
+        lab[(d >= r) & (d < r + 1.0) & (lab == 0)] = -1
+        j = np.array([(c[2] - o[2]) / sp[0], (c[1] - o[1]) / sp[1], (c[0] - o[0]) / sp[2]])
+        for _ in range(6):
+            extra.append(np.round(j + rng.uniform(-0.5, 0.5, 3) * min(r, 2.0)).astype(int))
+    pos = np.nonzero(lab == 1)[0]
+    neg = np.nonzero(lab == 0)[0]
+    neg = rng.choice(neg, min(n_neg, len(neg)), replace=False)
+    idx = np.concatenate([pk[pos], np.asarray(extra, dtype=int).reshape(-1, 3), pk[neg]])
+    y = np.concatenate([np.ones(len(pos) + len(extra)), np.zeros(len(neg))]).astype(np.uint8)
+    return patches(u8, idx), y, len(pk)
+
+
+def _block(i: int, o: int) -> nn.Module:
+    return nn.Sequential(nn.Conv3d(i, o, 3, padding=1, bias=False), nn.BatchNorm3d(o), nn.ReLU(inplace=True))
+
+
+class CandidateNet(nn.Module):
+    """Nodule-or-not logit of a 28 mm patch at 1 mm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Sequential(_block(1, 16), _block(16, 16), nn.MaxPool3d(2), _block(16, 32), _block(32, 32),
+                               nn.MaxPool3d(2), _block(32, 64), _block(64, 64), nn.MaxPool3d(2), _block(64, 64),
+                               nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(64, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.f(x)[:, 0]
+
+
+def _crop(x: np.ndarray, off: Any) -> np.ndarray:
+    return x[:, off[0]:off[0] + CROP, off[1]:off[1] + CROP, off[2]:off[2] + CROP]
+
+
+def _augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random 28 mm crop (+-2 mm), flips, and a y/x swap (not z: slice thickness differs)."""
+    x = _crop(x, rng.integers(0, PATCH - CROP + 1, 3))
+    for ax in (1, 2, 3):
+        if rng.uniform() < 0.5:
+            x = np.flip(x, ax)
+    if rng.uniform() < 0.5:
+        x = np.swapaxes(x, 2, 3)
+    return np.ascontiguousarray(x)
+
+
+def _tensor(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(x.astype(np.float32) / 255.0)[:, None].contiguous(memory_format=torch.channels_last_3d)
+
+
+def score(net: nn.Module, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    """Classifier probabilities of stored patches (centre crop)."""
+    net.eval()
+    out = []
+    c = (PATCH - CROP) // 2
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for i in range(0, len(x), batch):
+            out.append(torch.sigmoid(net(_tensor(_crop(x[i:i + batch], (c, c, c)))).float()).numpy())
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
+def train_classifier(patch_files: list[Path], out: Path, minutes: float, lr: float = 2e-3, seed: int = 0,
+                     log: Callable[[str], None] = print) -> dict[str, float]:
+    """Train `CandidateNet` for `minutes` (cosine lr over that time; 16 positives + 48 negatives a batch).
+
+    The first 4 files are validation; returns the last validation figures."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+
+    def load(fs: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+        d = [np.load(f) for f in fs]
+        return np.concatenate([z["x"] for z in d]), np.concatenate([z["y"] for z in d])
+
+    x, y = load(patch_files[4:])
+    xv, yv = load(patch_files[:4])
+    pos, neg = np.nonzero(y == 1)[0], np.nonzero(y == 0)[0]
+    log(f"train positives {len(pos)} negatives {len(neg)}; validation {int(yv.sum())} / {int((1 - yv).sum())}")
+    net = CandidateNet().to(memory_format=torch.channels_last_3d)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    loss_fn = nn.BCEWithLogitsLoss()
+    t0, total, step, figures = time.time(), minutes * 60.0, 0, {}
+    while time.time() - t0 < total:
+        net.train()
+        for g in opt.param_groups:
+            g["lr"] = lr * 0.5 * (1 + np.cos(np.pi * min(1.0, (time.time() - t0) / total)))
+        bi = np.concatenate([rng.choice(pos, 16), rng.choice(neg, 48)])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logit = net(_tensor(_augment(x[bi], rng)))
+        loss = loss_fn(logit.float(), torch.from_numpy(y[bi].astype(np.float32)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % 200 == 0:
+            sv = score(net, xv)
+            th = float(np.quantile(sv[yv == 1], 0.05))
+            figures = {"step": step, "seconds": time.time() - t0, "loss": float(loss.item()),
+                       "negatives_at_95pc_sensitivity": float(np.mean(sv[yv == 0] >= th))}
+            log(json.dumps(figures))
+            torch.save(net.state_dict(), out)
+    torch.save(net.state_dict(), out)
+    return {**figures, "steps": step}
+
+
+def first_stage_maps(model_dir: Path, datalist: Path, split: str, out: Path) -> None:
+    """The served lung model's probability maps (model grid, flips included) for each case of a split."""
+    from inference.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from inference.model_card import ModelCard
+    from inference.postprocess import sigmoid
+    from training.cli import _infer_case
+    from training.datasets import resolve
+
+    out.mkdir(parents=True, exist_ok=True)
+    fields = json.loads((model_dir / "metadata.json").read_text())
+    card = ModelCard.model_validate({**fields, "version": "eval", "weights_sha256": "0" * 64})
+    entries = [resolve(e, datalist.parent) for e in json.loads(datalist.read_text())[split]]
+    backend = OnnxRuntimeBackend(model_dir / "1" / "model.onnx", fields["name"], providers=["CPUExecutionProvider"],
+                                 intra_op_threads=2)
+    try:
+        for e in entries:
+            f = out / f"{e['seed']}.npz"
+            if not f.exists():
+                _, image, info, logits = _infer_case(e, card, backend)
+                np.savez(f, prob=sigmoid(logits[0]).astype(np.float16), image=np.asarray(image, dtype=np.float16),
+                         target_spacing=info.target_spacing)
+    finally:
+        backend.close()
+
+
+def split_candidates(datalist: Path, split: str, out: Path) -> None:
+    """Blob candidates and their patches for each case of a split."""
+    import nibabel as nib
+
+    out.mkdir(parents=True, exist_ok=True)
+    for e in json.loads(datalist.read_text())[split]:
+        f = out / f"{e['seed']}.npz"
+        if not f.exists():
+            hu = np.asarray(nib.load(datalist.parent / e["image"]).dataobj, dtype=np.float32)
+            u8, pk, sc, mm, _ = scan_candidates(hu, e["spacing"], e["origin"])
+            np.savez(f, x=patches(u8, pk), mm=mm.astype(np.float32), score=sc.astype(np.float32))
+
+
+def _to_mm(idx: np.ndarray, t: np.ndarray, o: np.ndarray) -> np.ndarray:
+    idx = np.asarray(idx, dtype=float).reshape(-1, 3)
+    return np.stack([o[0] + idx[:, 2] * t[2], o[1] + idx[:, 1] * t[1], o[2] + idx[:, 0] * t[0]], 1)
+
+
+def first_stage_candidates(prob: np.ndarray, hu: np.ndarray, t: np.ndarray, o: np.ndarray, floor: float = 0.05
+                           ) -> list[tuple[tuple[float, ...], float]]:
+    """Components at p > floor, air/bone dropped (mean HU outside [-900, 200]), probability-weighted centre."""
+    lab, n = ndimage.label(prob > floor, structure=np.ones((3, 3, 3), dtype=bool))
+    if n == 0:
+        return []
+    ids = np.arange(1, n + 1)
+    mx = np.asarray(ndimage.maximum(prob, lab, ids))
+    mh = np.asarray(ndimage.mean(hu, lab, ids))
+    keep = ids[(mh >= -900) & (mh <= 200)]
+    c = np.asarray(ndimage.center_of_mass(prob, lab, keep)).reshape(-1, 3)
+    return [(tuple(float(v) for v in p), float(mx[k - 1])) for p, k in zip(_to_mm(c, t, o), keep, strict=True)]
+
+
+def _local_max(prob: np.ndarray, t: np.ndarray, o: np.ndarray, mm: np.ndarray) -> np.ndarray:
+    j = np.stack([(mm[:, 2] - o[2]) / t[0], (mm[:, 1] - o[1]) / t[1], (mm[:, 0] - o[0]) / t[2]], 1)
+    j = np.clip(np.round(j).astype(int), 0, np.array(prob.shape) - 1)
+    return ndimage.maximum_filter(prob, size=3)[tuple(j.T)]
+
+
+COMBINATIONS: dict[str, Callable[[dict[str, Any]], np.ndarray | None]] = {
+    "first stage only": lambda r: None,
+    "classifier only": lambda r: r["s"],
+    "union": lambda r: r["s"],
+    "union, classifier x p^0.25": lambda r: r["s"] * np.maximum(r["p"], 1e-4) ** 0.25,
+    "union, mean(classifier, p)": lambda r: 0.5 * (r["s"] + r["p"]),
+}
+
+
+def evaluate(classifier: Path, datalist: Path, split: str, maps: Path, cands: Path) -> dict[str, Any]:
+    """FROC / CPM (training.metrics.froc) of each combination over the cases with maps and candidates."""
+    from training.metrics.froc import froc_cpm
+
+    net = CandidateNet().to(memory_format=torch.channels_last_3d)
+    net.load_state_dict(torch.load(classifier, map_location="cpu"))
+    rows = []
+    for e in json.loads(datalist.read_text())[split]:
+        fm, fc = maps / f"{e['seed']}.npz", cands / f"{e['seed']}.npz"
+        if not (fm.exists() and fc.exists()):
+            continue
+        zm, zc = np.load(fm), np.load(fc)
+        prob = zm["prob"].astype(np.float32)
+        hu = WINDOW[0] + zm["image"].astype(np.float32) * (WINDOW[1] - WINDOW[0])
+        t, o, mm = np.asarray(zm["target_spacing"], float), np.asarray(e["origin"], float), zc["mm"].astype(float)
+        rows.append({"e": e, "A": first_stage_candidates(prob, hu, t, o), "mm": mm, "s": score(net, zc["x"]),
+                     "p": _local_max(prob, t, o, mm)})
+    truths = [[(n["centre_mm"], n["diameter_mm"]) for n in r["e"]["nodules"]] for r in rows]
+    out: dict[str, Any] = {"cases": len(rows), "nodules": sum(map(len, truths))}
+    for name, f in COMBINATIONS.items():
+        preds = []
+        for r in rows:
+            sc = f(r)
+            blobs = [] if sc is None else [(tuple(m), float(v)) for m, v in zip(r["mm"], sc, strict=True)]
+            preds.append(blobs if name == "classifier only" else r["A"] + blobs)
+        res = froc_cpm(preds, truths)
+        out[name] = {"sensitivity_at_1fp_per_scan": res.sensitivities[3], "cpm": res.cpm,
+                     "froc": [round(v, 3) for v in res.sensitivities],
+                     "recall_any_threshold": res.n_true_positives / max(res.n_nodules, 1)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m training.two_stage_probe", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("patches")
+    p.add_argument("out", type=Path)
+    p.add_argument("first", type=int)
+    p.add_argument("stop", type=int)
+    p = sub.add_parser("train")
+    p.add_argument("patch_dir", type=Path)
+    p.add_argument("classifier", type=Path)
+    p.add_argument("--minutes", type=float, default=22.0)
+    p = sub.add_parser("maps")
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("datalist", type=Path)
+    p.add_argument("split")
+    p.add_argument("out", type=Path)
+    p = sub.add_parser("candidates")
+    p.add_argument("datalist", type=Path)
+    p.add_argument("split")
+    p.add_argument("out", type=Path)
+    p = sub.add_parser("evaluate")
+    p.add_argument("classifier", type=Path)
+    p.add_argument("datalist", type=Path)
+    p.add_argument("split")
+    p.add_argument("maps", type=Path)
+    p.add_argument("candidates", type=Path)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    if a.cmd == "patches":
+        a.out.mkdir(parents=True, exist_ok=True)
+        for s in range(a.first, a.stop):
+            f = a.out / f"train_{s}.npz"
+            if not f.exists():
+                x, y, n = training_patches(s)
+                np.savez(f, x=x, y=y)
+                print(s, "candidates", n, "positives", int(y.sum()), "negatives", int((1 - y).sum()), flush=True)
+    elif a.cmd == "train":
+        print(train_classifier(sorted(a.patch_dir.glob("train_*.npz")), a.classifier, a.minutes,
+                               log=lambda s: print(s, flush=True)))
+    elif a.cmd == "maps":
+        first_stage_maps(a.model_dir, a.datalist, a.split, a.out)
+    elif a.cmd == "candidates":
+        split_candidates(a.datalist, a.split, a.out)
+    else:
+        print(json.dumps(evaluate(a.classifier, a.datalist, a.split, a.maps, a.candidates), indent=1))
+
+
+if __name__ == "__main__":
+    main()
