@@ -99,14 +99,18 @@ def patches(u8: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return out
 
 
+def _to_mm(idx: np.ndarray, t: np.ndarray, o: np.ndarray) -> np.ndarray:
+    """Voxel indices (z, y, x) on a grid of spacing `t` and origin `o` (x, y, z) -> patient xyz mm."""
+    idx = np.asarray(idx, dtype=float).reshape(-1, 3)
+    return np.stack([o[0] + idx[:, 2] * t[2], o[1] + idx[:, 1] * t[1], o[2] + idx[:, 0] * t[0]], 1)
+
+
 def scan_candidates(hu: np.ndarray, spacing: Any, origin: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
                                                                       np.ndarray]:
     """(1 mm uint8 volume, candidate indices, LoG responses, candidate xyz mm, 1 mm spacing)."""
     iso, sp = zoom_iso(hu, tuple(spacing))
     pk, sc = log_candidates(iso)
-    o = np.asarray(origin, dtype=float)
-    mm = np.stack([o[0] + pk[:, 2] * sp[2], o[1] + pk[:, 1] * sp[1], o[2] + pk[:, 0] * sp[0]], 1)
-    return to_u8(iso), pk, sc, mm, sp
+    return to_u8(iso), pk, sc, _to_mm(pk, sp, np.asarray(origin, dtype=float)), sp
 
 
 def training_patches(seed: int, nodules: int = 8, n_neg: int = 700, rows: int = 512, slices: int | None = None
@@ -268,11 +272,6 @@ def split_candidates(datalist: Path, split: str, out: Path) -> None:
             np.savez(f, x=patches(u8, pk), mm=mm.astype(np.float32), score=sc.astype(np.float32))
 
 
-def _to_mm(idx: np.ndarray, t: np.ndarray, o: np.ndarray) -> np.ndarray:
-    idx = np.asarray(idx, dtype=float).reshape(-1, 3)
-    return np.stack([o[0] + idx[:, 2] * t[2], o[1] + idx[:, 1] * t[1], o[2] + idx[:, 0] * t[0]], 1)
-
-
 def first_stage_candidates(prob: np.ndarray, hu: np.ndarray, t: np.ndarray, o: np.ndarray, floor: float = 0.05
                            ) -> list[tuple[tuple[float, ...], float]]:
     """Components at p > floor, air/bone dropped (mean HU outside [-900, 200]), probability-weighted centre."""
@@ -293,12 +292,13 @@ def _local_max(prob: np.ndarray, t: np.ndarray, o: np.ndarray, mm: np.ndarray) -
     return ndimage.maximum_filter(prob, size=3)[tuple(j.T)]
 
 
-COMBINATIONS: dict[str, Callable[[dict[str, Any]], np.ndarray | None]] = {
-    "first stage only": lambda r: None,
-    "classifier only": lambda r: r["s"],
-    "union": lambda r: r["s"],
-    "union, classifier x p^0.25": lambda r: r["s"] * np.maximum(r["p"], 1e-4) ** 0.25,
-    "union, mean(classifier, p)": lambda r: 0.5 * (r["s"] + r["p"]),
+# name -> (blob score from classifier probability "s" and first-stage local max "p", or None; keep first stage)
+COMBINATIONS: dict[str, tuple[Callable[[dict[str, Any]], np.ndarray] | None, bool]] = {
+    "first stage only": (None, True),
+    "classifier only": (lambda r: r["s"], False),
+    "union": (lambda r: r["s"], True),
+    "union, classifier x p^0.25": (lambda r: r["s"] * np.maximum(r["p"], 1e-4) ** 0.25, True),
+    "union, mean(classifier, p)": (lambda r: 0.5 * (r["s"] + r["p"]), True),
 }
 
 
@@ -321,12 +321,12 @@ def evaluate(classifier: Path, datalist: Path, split: str, maps: Path, cands: Pa
                      "p": _local_max(prob, t, o, mm)})
     truths = [[(n["centre_mm"], n["diameter_mm"]) for n in r["e"]["nodules"]] for r in rows]
     out: dict[str, Any] = {"cases": len(rows), "nodules": sum(map(len, truths))}
-    for name, f in COMBINATIONS.items():
+    for name, (blob_score, with_first_stage) in COMBINATIONS.items():
         preds = []
         for r in rows:
-            sc = f(r)
-            blobs = [] if sc is None else [(tuple(m), float(v)) for m, v in zip(r["mm"], sc, strict=True)]
-            preds.append(blobs if name == "classifier only" else r["A"] + blobs)
+            blobs = [] if blob_score is None else [(tuple(m), float(v))
+                                                   for m, v in zip(r["mm"], blob_score(r), strict=True)]
+            preds.append((r["A"] if with_first_stage else []) + blobs)
         res = froc_cpm(preds, truths)
         out[name] = {"sensitivity_at_1fp_per_scan": res.sensitivities[3], "cpm": res.cpm,
                      "froc": [round(v, 3) for v in res.sensitivities],
