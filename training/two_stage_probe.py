@@ -5,11 +5,12 @@ or post-processing of its map recovers them. This probe adds candidates it does 
 
 1. candidates: maxima of the scale-normalised Laplacian of Gaussian (sigma 1.0-2.8 mm, HU clipped to
    [-1000, 100]) on the CT resampled to 1 mm, inside the lungs closed by 6 mm (so juxtapleural and vessel-attached
-   nodules stay in); about 2000-4000 per 512-row chest CT.
+   nodules stay in); about 2000-4000 per 512-row chest CT. `wall_candidates` adds the ground-glass nodules on the
+   pleura that the wall's edge hides from the plain LoG (50-900 more per CT).
 2. a small 3D CNN (`CandidateNet`, 0.33 M parameters) scores a 28 mm patch around each candidate; it is trained
-   on candidates of generated CTs that no evaluation uses (seeds 3000-3059, 8 nodules each): candidates within a
+   on candidates of generated CTs that no evaluation uses (seeds 3000-3119, 8 nodules each): candidates within a
    nodule's radius (nodules <= 12 mm) and jittered nodule centres are positive, 700 other candidates per CT
-   negative.
+   negative (for seeds 3060-3119, 500 of them the ones a first classifier scores highest: hard negatives).
 3. the FROC candidates are the first stage's components (as `training.cli.nodule_candidates` makes them) plus
    every blob candidate with the classifier's probability (`union`), or other combinations (`COMBINATIONS`).
 
@@ -17,9 +18,14 @@ Commands (each resumes by skipping outputs that exist):
 
     python -m training.two_stage_probe patches OUT_DIR 3000 3060
     python -m training.two_stage_probe train PATCH_DIR CLASSIFIER.pt --minutes 22
+    python -m training.two_stage_probe patches HARD_DIR 3060 3120 --hard CLASSIFIER.pt
+    python -m training.two_stage_probe train PATCH_DIR HARD_DIR CLASSIFIER_2.pt --minutes 25 --lr 1e-3 \
+        --init CLASSIFIER.pt
     python -m training.two_stage_probe maps MODEL_DIR DATALIST SPLIT MAP_DIR
     python -m training.two_stage_probe candidates DATALIST SPLIT CANDIDATE_DIR
-    python -m training.two_stage_probe evaluate CLASSIFIER.pt DATALIST SPLIT MAP_DIR CANDIDATE_DIR
+    python -m training.two_stage_probe wall-candidates DATALIST SPLIT CANDIDATE_DIR WALL_DIR
+    python -m training.two_stage_probe evaluate CLASSIFIER_2.pt DATALIST SPLIT MAP_DIR CANDIDATE_DIR \
+        --extra WALL_DIR --cache CACHE_DIR
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import argparse
 import json
 import time
 from collections.abc import Callable
+from functools import reduce
 from pathlib import Path
 from typing import Any
 
@@ -73,15 +80,37 @@ def lung_mask(hu: np.ndarray) -> np.ndarray:
     return np.pad(full, [(0, a - b) for a, b in zip(hu.shape, full.shape, strict=True)])
 
 
+def _log_response(img: np.ndarray) -> np.ndarray:
+    """The largest scale-normalised LoG response (bright blobs positive) over `SIGMAS_MM`."""
+    return reduce(np.maximum, (-(s ** 2) * ndimage.gaussian_laplace(img, s, truncate=3.0) for s in SIGMAS_MM))
+
+
 def log_candidates(iso: np.ndarray, floor: float = LOG_FLOOR) -> tuple[np.ndarray, np.ndarray]:
     """Blob candidates on a 1 mm volume: (voxel indices [N, 3], LoG responses [N])."""
     img = np.clip(iso, -1000.0, 100.0)
-    best: np.ndarray | None = None
-    for s in SIGMAS_MM:
-        r = -(s ** 2) * ndimage.gaussian_laplace(img, s, truncate=3.0)
-        best = r if best is None else np.maximum(best, r)
-    assert best is not None
+    best = _log_response(img)
     peaks = np.argwhere((best == ndimage.maximum_filter(best, size=3)) & (best > floor) & lung_mask(iso))
+    return peaks, best[tuple(peaks.T)]
+
+
+def wall_candidates(iso: np.ndarray, mask: np.ndarray, plain: np.ndarray, near_mm: float = 4.0,
+                    floor: float = LOG_FLOOR, apart_mm: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+    """Blob candidates against the chest wall that `log_candidates` misses: (indices [N, 3], responses [N]).
+
+    Next to the wall the plain LoG response of a faint (ground-glass) nodule is cancelled by the wall edge's
+    negative lobe. Here every voxel that is not lung air (denser than -300 HU or outside the mask), and the air
+    voxels touching one (the wall's partial-volume rim), are set to -850 HU first; maxima within `near_mm` of the
+    mask's edge and more than `apart_mm` from every `plain` candidate (indices) are kept: 50-130 per chest CT."""
+    air = ndimage.binary_erosion(mask & (iso < -300.0), border_value=0)
+    img = np.where(air, np.clip(iso, -1000.0, 100.0), -850.0)
+    best = _log_response(img)
+    near = ndimage.distance_transform_edt(mask) <= near_mm
+    peaks = np.argwhere((best == ndimage.maximum_filter(best, size=3)) & (best > floor) & mask & near)
+    if len(plain) and len(peaks):
+        from scipy.spatial import cKDTree
+
+        d, _ = cKDTree(np.asarray(plain, dtype=float)).query(peaks)
+        peaks = peaks[d > apart_mm]
     return peaks, best[tuple(peaks.T)]
 
 
@@ -113,9 +142,11 @@ def scan_candidates(hu: np.ndarray, spacing: Any, origin: Any) -> tuple[np.ndarr
     return to_u8(iso), pk, sc, _to_mm(pk, sp, np.asarray(origin, dtype=float)), sp
 
 
-def training_patches(seed: int, nodules: int = 8, n_neg: int = 700, rows: int = 512, slices: int | None = None
-                     ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Labelled patches of one generated chest CT: (patches, labels 1/0, candidate count)."""
+def training_patches(seed: int, nodules: int = 8, n_neg: int = 700, rows: int = 512, slices: int | None = None,
+                     hard: nn.Module | None = None, n_hard: int = 500) -> tuple[np.ndarray, np.ndarray, int]:
+    """Labelled patches of one generated chest CT: (patches, labels 1/0, candidate count).
+
+    With a classifier `hard`, `n_hard` of the `n_neg` negatives are those it scores highest (hard negatives)."""
     from training.synthetic.chest_ct import generate_chest_ct
 
     rng = np.random.default_rng(seed)
@@ -138,7 +169,12 @@ def training_patches(seed: int, nodules: int = 8, n_neg: int = 700, rows: int = 
             extra.append(np.round(j + rng.uniform(-0.5, 0.5, 3) * min(r, 2.0)).astype(int))
     pos = np.nonzero(lab == 1)[0]
     neg = np.nonzero(lab == 0)[0]
-    neg = rng.choice(neg, min(n_neg, len(neg)), replace=False)
+    if hard is not None and len(neg) > n_neg:
+        top = neg[np.argsort(-score(hard, patches(u8, pk[neg])))[:n_hard]]
+        rest = np.setdiff1d(neg, top)
+        neg = np.concatenate([top, rng.choice(rest, n_neg - len(top), replace=False)])
+    else:
+        neg = rng.choice(neg, min(n_neg, len(neg)), replace=False)
     idx = np.concatenate([pk[pos], np.asarray(extra, dtype=int).reshape(-1, 3), pk[neg]])
     y = np.concatenate([np.ones(len(pos) + len(extra)), np.zeros(len(neg))]).astype(np.uint8)
     return patches(u8, idx), y, len(pk)
@@ -191,11 +227,12 @@ def score(net: nn.Module, x: np.ndarray, batch: int = 256) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 
-def train_classifier(patch_files: list[Path], out: Path, minutes: float, lr: float = 2e-3, seed: int = 0,
-                     log: Callable[[str], None] = print) -> dict[str, float]:
+def train_classifier(patch_dirs: list[Path], out: Path, minutes: float, lr: float = 2e-3, seed: int = 0,
+                     init: Path | None = None, log: Callable[[str], None] = print) -> dict[str, float]:
     """Train `CandidateNet` for `minutes` (cosine lr over that time; 16 positives + 48 negatives a batch).
 
-    The first 4 files are validation; returns the last validation figures."""
+    The first 4 files (by name) of the first folder and the first 2 of each further one are validation; `init`
+    starts from a trained classifier. Returns the last validation figures."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
 
@@ -203,11 +240,19 @@ def train_classifier(patch_files: list[Path], out: Path, minutes: float, lr: flo
         d = [np.load(f) for f in fs]
         return np.concatenate([z["x"] for z in d]), np.concatenate([z["y"] for z in d])
 
-    x, y = load(patch_files[4:])
-    xv, yv = load(patch_files[:4])
+    train_files, val_files = [], []
+    for i, d in enumerate(patch_dirs):
+        fs = sorted(d.glob("train_*.npz"))
+        k = 4 if i == 0 else 2
+        val_files += fs[:k]
+        train_files += fs[k:]
+    x, y = load(train_files)
+    xv, yv = load(val_files)
     pos, neg = np.nonzero(y == 1)[0], np.nonzero(y == 0)[0]
     log(f"train positives {len(pos)} negatives {len(neg)}; validation {int(yv.sum())} / {int((1 - yv).sum())}")
     net = CandidateNet().to(memory_format=torch.channels_last_3d)
+    if init is not None:
+        net.load_state_dict(torch.load(init, map_location="cpu"))
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     loss_fn = nn.BCEWithLogitsLoss()
     t0, total, step, figures = time.time(), minutes * 60.0, 0, {}
@@ -272,6 +317,23 @@ def split_candidates(datalist: Path, split: str, out: Path) -> None:
             np.savez(f, x=patches(u8, pk), mm=mm.astype(np.float32), score=sc.astype(np.float32))
 
 
+def split_wall_candidates(datalist: Path, split: str, plain_dir: Path, out: Path) -> None:
+    """`wall_candidates` and their patches for each case of a split whose plain candidates are in `plain_dir`."""
+    import nibabel as nib
+
+    out.mkdir(parents=True, exist_ok=True)
+    for e in json.loads(datalist.read_text())[split]:
+        f, fp = out / f"{e['seed']}.npz", plain_dir / f"{e['seed']}.npz"
+        if f.exists() or not fp.exists():
+            continue
+        hu = np.asarray(nib.load(datalist.parent / e["image"]).dataobj, dtype=np.float32)
+        iso, sp = zoom_iso(hu, tuple(e["spacing"]))
+        o, mm = np.asarray(e["origin"], dtype=float), np.load(fp)["mm"].astype(float)
+        plain = np.stack([(mm[:, 2] - o[2]) / sp[0], (mm[:, 1] - o[1]) / sp[1], (mm[:, 0] - o[0]) / sp[2]], 1)
+        pk, sc = wall_candidates(iso, lung_mask(iso), plain)
+        np.savez(f, x=patches(to_u8(iso), pk), mm=_to_mm(pk, sp, o).astype(np.float32), score=sc.astype(np.float32))
+
+
 def first_stage_candidates(prob: np.ndarray, hu: np.ndarray, t: np.ndarray, o: np.ndarray, floor: float = 0.05
                            ) -> list[tuple[tuple[float, ...], float]]:
     """Components at p > floor, air/bone dropped (mean HU outside [-900, 200]), probability-weighted centre."""
@@ -302,23 +364,69 @@ COMBINATIONS: dict[str, tuple[Callable[[dict[str, Any]], np.ndarray] | None, boo
 }
 
 
-def evaluate(classifier: Path, datalist: Path, split: str, maps: Path, cands: Path) -> dict[str, Any]:
-    """FROC / CPM (training.metrics.froc) of each combination over the cases with maps and candidates."""
-    from training.metrics.froc import froc_cpm
+def scored_cases(classifier: Path, datalist: Path, split: str, maps: Path, cands: Path,
+                 cache: Path | None = None, extra: tuple[Path, ...] = ()) -> list[dict[str, Any]]:
+    """Per case: first-stage candidates "A", blob positions "mm", classifier "s" and first-stage "p" at each blob.
 
+    `extra` folders hold more blob candidates (e.g. `wall_candidates`), appended to those of `cands`. With
+    `cache`, each case's figures are kept there (one .npz per seed; an extra folder's under its name) and read
+    back on the next call."""
     net = CandidateNet().to(memory_format=torch.channels_last_3d)
     net.load_state_dict(torch.load(classifier, map_location="cpu"))
+    rows = _scored_plain(net, datalist, split, maps, cands, cache)
+    for d in extra:
+        for r in rows:
+            seed = r["e"]["seed"]
+            fk = None if cache is None else cache / d.name / f"{seed}.npz"
+            if fk is not None and fk.exists():
+                z = np.load(fk)
+                mm, sv, pv = z["mm"], z["s"], z["p"]
+            else:
+                zm, zc = np.load(maps / f"{seed}.npz"), np.load(d / f"{seed}.npz")
+                mm = zc["mm"].astype(float)
+                t, o = np.asarray(zm["target_spacing"], float), np.asarray(r["e"]["origin"], float)
+                sv, pv = score(net, zc["x"]), _local_max(zm["prob"].astype(np.float32), t, o, mm)
+                if fk is not None:
+                    fk.parent.mkdir(parents=True, exist_ok=True)
+                    np.savez(fk, mm=mm, s=sv, p=pv)
+            r["mm"] = np.concatenate([r["mm"], mm.reshape(-1, 3)])
+            r["s"], r["p"] = np.concatenate([r["s"], sv]), np.concatenate([r["p"], pv])
+    return rows
+
+
+def _scored_plain(net: nn.Module, datalist: Path, split: str, maps: Path, cands: Path,
+                  cache: Path | None) -> list[dict[str, Any]]:
     rows = []
     for e in json.loads(datalist.read_text())[split]:
         fm, fc = maps / f"{e['seed']}.npz", cands / f"{e['seed']}.npz"
+        fk = None if cache is None else cache / f"{e['seed']}.npz"
+        if fk is not None and fk.exists():
+            z = np.load(fk)
+            rows.append({"e": e, "A": [(tuple(m), float(v)) for m, v in zip(z["a_mm"], z["a_p"], strict=True)],
+                         "mm": z["mm"], "s": z["s"], "p": z["p"]})
+            continue
         if not (fm.exists() and fc.exists()):
             continue
         zm, zc = np.load(fm), np.load(fc)
         prob = zm["prob"].astype(np.float32)
         hu = WINDOW[0] + zm["image"].astype(np.float32) * (WINDOW[1] - WINDOW[0])
         t, o, mm = np.asarray(zm["target_spacing"], float), np.asarray(e["origin"], float), zc["mm"].astype(float)
-        rows.append({"e": e, "A": first_stage_candidates(prob, hu, t, o), "mm": mm, "s": score(net, zc["x"]),
-                     "p": _local_max(prob, t, o, mm)})
+        r = {"e": e, "A": first_stage_candidates(prob, hu, t, o), "mm": mm, "s": score(net, zc["x"]),
+             "p": _local_max(prob, t, o, mm)}
+        rows.append(r)
+        if fk is not None:
+            fk.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(fk, a_mm=np.asarray([a for a, _ in r["A"]], dtype=float).reshape(-1, 3),
+                     a_p=np.asarray([v for _, v in r["A"]], dtype=float), mm=mm, s=r["s"], p=r["p"])
+    return rows
+
+
+def evaluate(classifier: Path, datalist: Path, split: str, maps: Path, cands: Path,
+             cache: Path | None = None, extra: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """FROC / CPM (training.metrics.froc) of each combination over the cases with maps and candidates."""
+    from training.metrics.froc import froc_cpm
+
+    rows = scored_cases(classifier, datalist, split, maps, cands, cache, extra)
     truths = [[(n["centre_mm"], n["diameter_mm"]) for n in r["e"]["nodules"]] for r in rows]
     out: dict[str, Any] = {"cases": len(rows), "nodules": sum(map(len, truths))}
     for name, (blob_score, with_first_stage) in COMBINATIONS.items():
@@ -341,10 +449,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("out", type=Path)
     p.add_argument("first", type=int)
     p.add_argument("stop", type=int)
+    p.add_argument("--hard", type=Path, help="classifier whose highest-scored negatives are kept (hard negatives)")
     p = sub.add_parser("train")
-    p.add_argument("patch_dir", type=Path)
+    p.add_argument("patch_dir", type=Path, nargs="+")
     p.add_argument("classifier", type=Path)
     p.add_argument("--minutes", type=float, default=22.0)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--init", type=Path, help="a trained classifier to start from")
     p = sub.add_parser("maps")
     p.add_argument("model_dir", type=Path)
     p.add_argument("datalist", type=Path)
@@ -354,31 +465,46 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("datalist", type=Path)
     p.add_argument("split")
     p.add_argument("out", type=Path)
+    p = sub.add_parser("wall-candidates")
+    p.add_argument("datalist", type=Path)
+    p.add_argument("split")
+    p.add_argument("plain_dir", type=Path)
+    p.add_argument("out", type=Path)
     p = sub.add_parser("evaluate")
     p.add_argument("classifier", type=Path)
     p.add_argument("datalist", type=Path)
     p.add_argument("split")
     p.add_argument("maps", type=Path)
     p.add_argument("candidates", type=Path)
+    p.add_argument("--cache", type=Path, help="folder keeping each case's scores, read back on the next call")
+    p.add_argument("--extra", type=Path, action="append", default=[],
+                   help="a folder of more blob candidates (wall-candidates) to add; may be repeated")
     a = ap.parse_args(argv)
     torch.set_num_threads(2)
     if a.cmd == "patches":
         a.out.mkdir(parents=True, exist_ok=True)
+        hard = None
+        if a.hard is not None:
+            hard = CandidateNet().to(memory_format=torch.channels_last_3d)
+            hard.load_state_dict(torch.load(a.hard, map_location="cpu"))
         for s in range(a.first, a.stop):
             f = a.out / f"train_{s}.npz"
             if not f.exists():
-                x, y, n = training_patches(s)
+                x, y, n = training_patches(s, hard=hard)
                 np.savez(f, x=x, y=y)
                 print(s, "candidates", n, "positives", int(y.sum()), "negatives", int((1 - y).sum()), flush=True)
     elif a.cmd == "train":
-        print(train_classifier(sorted(a.patch_dir.glob("train_*.npz")), a.classifier, a.minutes,
+        print(train_classifier(a.patch_dir, a.classifier, a.minutes, lr=a.lr, init=a.init,
                                log=lambda s: print(s, flush=True)))
     elif a.cmd == "maps":
         first_stage_maps(a.model_dir, a.datalist, a.split, a.out)
     elif a.cmd == "candidates":
         split_candidates(a.datalist, a.split, a.out)
+    elif a.cmd == "wall-candidates":
+        split_wall_candidates(a.datalist, a.split, a.plain_dir, a.out)
     else:
-        print(json.dumps(evaluate(a.classifier, a.datalist, a.split, a.maps, a.candidates), indent=1))
+        print(json.dumps(evaluate(a.classifier, a.datalist, a.split, a.maps, a.candidates, a.cache,
+                                  tuple(a.extra)), indent=1))
 
 
 if __name__ == "__main__":

@@ -58,3 +58,46 @@ def test_classifier_scores_every_patch_as_a_probability() -> None:
     p = probe.score(net, np.random.default_rng(0).integers(0, 255, (5, probe.PATCH, probe.PATCH, probe.PATCH),
                                                              dtype=np.uint8))
     assert p.shape == (5,) and np.all((p >= 0) & (p <= 1))
+
+
+class _Density(torch.nn.Module):
+    """A stand-in scorer for hard-negative mining: the denser the patch centre, the higher the logit."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[-1] // 2
+        return 50.0 * (x[:, 0, c - 2:c + 2, c - 2:c + 2, c - 2:c + 2].mean(dim=(1, 2, 3)) - 0.1)
+
+
+def test_hard_negatives_are_the_ones_the_classifier_scores_highest() -> None:
+    kw = {"nodules": 3, "n_neg": 40, "rows": 256, "slices": 80}
+    x0, y0, _ = probe.training_patches(7, **kw)
+    x1, y1, _ = probe.training_patches(7, hard=_Density(), n_hard=30, **kw)
+    assert int((y1 == 0).sum()) == 40 and int(y1.sum()) == int(y0.sum()), "same positives, same negative count"
+    c = probe.PATCH // 2
+
+    def density(x: np.ndarray) -> np.ndarray:
+        return x[:, c - 2:c + 2, c - 2:c + 2, c - 2:c + 2].mean(axis=(1, 2, 3))
+
+    d0, d1 = density(x0[y0 == 0]), density(x1[y1 == 0])
+    assert np.sort(d1)[-30:].min() >= np.median(d0), "the mined negatives outrank a random draw's median"
+    assert np.sort(d1)[-30:].mean() > np.sort(d0)[-30:].mean(), "and the random draw's top 30"
+
+
+def test_wall_candidates_find_a_ground_glass_nodule_on_the_pleura_that_the_plain_blobs_miss() -> None:
+    from scipy import ndimage
+
+    vol = np.full((72, 100, 100), 40.0, dtype=np.float32)
+    vol[:, :4], vol[:, -4:], vol[:, :, :4], vol[:, :, -4:] = -1000.0, -1000.0, -1000.0, -1000.0
+    vol[6:66, 15:85, 15:85] = -850.0                      # the lung; its wall at x = 15
+    z, y, x = np.mgrid[: vol.shape[0], : vol.shape[1], : vol.shape[2]]
+    nodule = np.array([36.0, 50.0, 16.0])                 # a 3.4 mm ground-glass nodule sitting on the wall
+    ball = (z - nodule[0]) ** 2 + (y - nodule[1]) ** 2 + (x - nodule[2]) ** 2 <= 1.7 ** 2
+    vol[ball & (vol < -500)] = -600.0
+    vol = ndimage.gaussian_filter(vol, 0.8)               # partial volume, as thick slices give
+    vol += np.random.default_rng(0).normal(0.0, 15.0, vol.shape).astype(np.float32)
+    plain, _ = probe.log_candidates(vol)
+    assert np.linalg.norm(plain - nodule, axis=1).min() > 3.0, "the wall edge hides it from the plain LoG"
+    wall, response = probe.wall_candidates(vol, probe.lung_mask(vol), plain)
+    d = np.linalg.norm(wall - nodule, axis=1)
+    assert d.min() < 1.7 and response[d.argmin()] > probe.LOG_FLOOR
+    assert len(wall) <= 5, f"the wall's partial-volume rim gives no candidates of its own ({len(wall)})"
