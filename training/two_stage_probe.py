@@ -85,12 +85,16 @@ def _log_response(img: np.ndarray) -> np.ndarray:
     return reduce(np.maximum, (-(s ** 2) * ndimage.gaussian_laplace(img, s, truncate=3.0) for s in SIGMAS_MM))
 
 
+def _peaks(best: np.ndarray, floor: float, where: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Local maxima (3x3x3) of a response above `floor` inside `where`: (indices [N, 3], responses [N])."""
+    peaks = np.argwhere((best == ndimage.maximum_filter(best, size=3)) & (best > floor) & where)
+    return peaks, best[tuple(peaks.T)]
+
+
 def log_candidates(iso: np.ndarray, floor: float = LOG_FLOOR) -> tuple[np.ndarray, np.ndarray]:
     """Blob candidates on a 1 mm volume: (voxel indices [N, 3], LoG responses [N])."""
     img = np.clip(iso, -1000.0, 100.0)
-    best = _log_response(img)
-    peaks = np.argwhere((best == ndimage.maximum_filter(best, size=3)) & (best > floor) & lung_mask(iso))
-    return peaks, best[tuple(peaks.T)]
+    return _peaks(_log_response(img), floor, lung_mask(iso))
 
 
 def wall_candidates(iso: np.ndarray, mask: np.ndarray, plain: np.ndarray, near_mm: float = 4.0,
@@ -100,18 +104,17 @@ def wall_candidates(iso: np.ndarray, mask: np.ndarray, plain: np.ndarray, near_m
     Next to the wall the plain LoG response of a faint (ground-glass) nodule is cancelled by the wall edge's
     negative lobe. Here every voxel that is not lung air (denser than -300 HU or outside the mask), and the air
     voxels touching one (the wall's partial-volume rim), are set to -850 HU first; maxima within `near_mm` of the
-    mask's edge and more than `apart_mm` from every `plain` candidate (indices) are kept: 50-130 per chest CT."""
+    mask's edge and more than `apart_mm` from every `plain` candidate (indices) are kept: 43-910 per chest CT
+    (mean 193 on seeds 9020-9059)."""
     air = ndimage.binary_erosion(mask & (iso < -300.0), border_value=0)
     img = np.where(air, np.clip(iso, -1000.0, 100.0), -850.0)
-    best = _log_response(img)
-    near = ndimage.distance_transform_edt(mask) <= near_mm
-    peaks = np.argwhere((best == ndimage.maximum_filter(best, size=3)) & (best > floor) & mask & near)
+    peaks, response = _peaks(_log_response(img), floor, mask & (ndimage.distance_transform_edt(mask) <= near_mm))
     if len(plain) and len(peaks):
         from scipy.spatial import cKDTree
 
-        d, _ = cKDTree(np.asarray(plain, dtype=float)).query(peaks)
-        peaks = peaks[d > apart_mm]
-    return peaks, best[tuple(peaks.T)]
+        far = cKDTree(np.asarray(plain, dtype=float)).query(peaks)[0] > apart_mm
+        peaks, response = peaks[far], response[far]
+    return peaks, response
 
 
 def to_u8(hu: np.ndarray) -> np.ndarray:
@@ -132,6 +135,12 @@ def _to_mm(idx: np.ndarray, t: np.ndarray, o: np.ndarray) -> np.ndarray:
     """Voxel indices (z, y, x) on a grid of spacing `t` and origin `o` (x, y, z) -> patient xyz mm."""
     idx = np.asarray(idx, dtype=float).reshape(-1, 3)
     return np.stack([o[0] + idx[:, 2] * t[2], o[1] + idx[:, 1] * t[1], o[2] + idx[:, 0] * t[0]], 1)
+
+
+def _to_idx(mm: np.ndarray, t: np.ndarray, o: np.ndarray) -> np.ndarray:
+    """Patient xyz mm -> fractional voxel indices (z, y, x) on a grid of spacing `t` and origin `o` (x, y, z)."""
+    mm = np.asarray(mm, dtype=float).reshape(-1, 3)
+    return np.stack([(mm[:, 2] - o[2]) / t[0], (mm[:, 1] - o[1]) / t[1], (mm[:, 0] - o[0]) / t[2]], 1)
 
 
 def scan_candidates(hu: np.ndarray, spacing: Any, origin: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
@@ -164,7 +173,7 @@ def training_patches(seed: int, nodules: int = 8, n_neg: int = 700, rows: int = 
             continue
         lab[(d < r) & (lab == 0)] = 1
         lab[(d >= r) & (d < r + 1.0) & (lab == 0)] = -1
-        j = np.array([(c[2] - o[2]) / sp[0], (c[1] - o[1]) / sp[1], (c[0] - o[0]) / sp[2]])
+        j = _to_idx(c, sp, o)[0]
         for _ in range(6):
             extra.append(np.round(j + rng.uniform(-0.5, 0.5, 3) * min(r, 2.0)).astype(int))
     pos = np.nonzero(lab == 1)[0]
@@ -195,6 +204,13 @@ class CandidateNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.f(x)[:, 0]
+
+
+def load_classifier(path: Path) -> CandidateNet:
+    """A trained `CandidateNet` from its state dict."""
+    net = CandidateNet().to(memory_format=torch.channels_last_3d)
+    net.load_state_dict(torch.load(path, map_location="cpu"))
+    return net
 
 
 def _crop(x: np.ndarray, off: Any) -> np.ndarray:
@@ -250,9 +266,7 @@ def train_classifier(patch_dirs: list[Path], out: Path, minutes: float, lr: floa
     xv, yv = load(val_files)
     pos, neg = np.nonzero(y == 1)[0], np.nonzero(y == 0)[0]
     log(f"train positives {len(pos)} negatives {len(neg)}; validation {int(yv.sum())} / {int((1 - yv).sum())}")
-    net = CandidateNet().to(memory_format=torch.channels_last_3d)
-    if init is not None:
-        net.load_state_dict(torch.load(init, map_location="cpu"))
+    net = CandidateNet().to(memory_format=torch.channels_last_3d) if init is None else load_classifier(init)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     loss_fn = nn.BCEWithLogitsLoss()
     t0, total, step, figures = time.time(), minutes * 60.0, 0, {}
@@ -329,8 +343,7 @@ def split_wall_candidates(datalist: Path, split: str, plain_dir: Path, out: Path
         hu = np.asarray(nib.load(datalist.parent / e["image"]).dataobj, dtype=np.float32)
         iso, sp = zoom_iso(hu, tuple(e["spacing"]))
         o, mm = np.asarray(e["origin"], dtype=float), np.load(fp)["mm"].astype(float)
-        plain = np.stack([(mm[:, 2] - o[2]) / sp[0], (mm[:, 1] - o[1]) / sp[1], (mm[:, 0] - o[0]) / sp[2]], 1)
-        pk, sc = wall_candidates(iso, lung_mask(iso), plain)
+        pk, sc = wall_candidates(iso, lung_mask(iso), _to_idx(mm, sp, o))
         np.savez(f, x=patches(to_u8(iso), pk), mm=_to_mm(pk, sp, o).astype(np.float32), score=sc.astype(np.float32))
 
 
@@ -349,8 +362,7 @@ def first_stage_candidates(prob: np.ndarray, hu: np.ndarray, t: np.ndarray, o: n
 
 
 def _local_max(prob: np.ndarray, t: np.ndarray, o: np.ndarray, mm: np.ndarray) -> np.ndarray:
-    j = np.stack([(mm[:, 2] - o[2]) / t[0], (mm[:, 1] - o[1]) / t[1], (mm[:, 0] - o[0]) / t[2]], 1)
-    j = np.clip(np.round(j).astype(int), 0, np.array(prob.shape) - 1)
+    j = np.clip(np.round(_to_idx(mm, t, o)).astype(int), 0, np.array(prob.shape) - 1)
     return ndimage.maximum_filter(prob, size=3)[tuple(j.T)]
 
 
@@ -371,8 +383,7 @@ def scored_cases(classifier: Path, datalist: Path, split: str, maps: Path, cands
     `extra` folders hold more blob candidates (e.g. `wall_candidates`), appended to those of `cands`. With
     `cache`, each case's figures are kept there (one .npz per seed; an extra folder's under its name) and read
     back on the next call."""
-    net = CandidateNet().to(memory_format=torch.channels_last_3d)
-    net.load_state_dict(torch.load(classifier, map_location="cpu"))
+    net = load_classifier(classifier)
     rows = _scored_plain(net, datalist, split, maps, cands, cache)
     for d in extra:
         for r in rows:
@@ -483,10 +494,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(2)
     if a.cmd == "patches":
         a.out.mkdir(parents=True, exist_ok=True)
-        hard = None
-        if a.hard is not None:
-            hard = CandidateNet().to(memory_format=torch.channels_last_3d)
-            hard.load_state_dict(torch.load(a.hard, map_location="cpu"))
+        hard = None if a.hard is None else load_classifier(a.hard)
         for s in range(a.first, a.stop):
             f = a.out / f"train_{s}.npz"
             if not f.exists():
