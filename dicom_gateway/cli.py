@@ -111,6 +111,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.task == "lung-nodule-candidates":
+        from training.second_stage import train_command as second_stage_command
+
+        return second_stage_command(args.config)
     from training.cli import train_command
 
     return train_command(args.task, args.config)
@@ -182,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sub.add_parser("models", help="list installed models")).set_defaults(func=cmd_models)
 
     sp = sub.add_parser("train", help="train a model (needs the train extra)")
-    sp.add_argument("task", choices=["lung-nodule", "spine-vertebrae"])
+    sp.add_argument("task", choices=["lung-nodule", "spine-vertebrae", "lung-nodule-candidates"],
+                    help="lung-nodule-candidates: the lung model's second stage (needs models/lung_nodule_ct)")
     sp.add_argument("--config", type=Path, required=True)
     sp.set_defaults(func=cmd_train)
 

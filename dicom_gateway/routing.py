@@ -69,6 +69,10 @@ def route_study(rules: Sequence[Rule], models: Mapping[str, RegisteredModel], se
             if model is None:
                 reasons.append(f"rule {rule.name}: model {name} not installed")
                 continue
+            if model.card.first_stage is not None:
+                reasons.append(f"rule {rule.name}: model {name} is the second stage of {model.card.first_stage.model}, "
+                               "which runs it; route to that model")
+                continue
             chosen, why = select_series(model.card, matched)
             if chosen is None:
                 reasons.append(f"rule {rule.name}: model {name}: {why}")

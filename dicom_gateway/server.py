@@ -25,6 +25,7 @@ from inference.device_preprocess import device_preprocessor_for
 from inference.errors import InferenceError
 from inference.model_repo import discover_models
 from inference.pipeline import ModelRunner
+from inference.second_stage import SecondStage
 
 if TYPE_CHECKING:
     from dicom_gateway.receivers import ReceiverPool
@@ -51,10 +52,26 @@ def load_models(settings: Settings) -> dict[str, LoadedModel]:
         pre = device_preprocessor_for(backend) if (opts is None or opts.device_preprocess) else None
         loaded[name] = LoadedModel(model=model, runner=ModelRunner(model, backend, preprocessor=pre))
         log.info("model loaded", extra={"model": name, "reason": f"version {model.version} backend {kind}"})
+    attach_second_stages(loaded)
     wanted = {m for rule in settings.rules for m in rule.models}
     for name in sorted(wanted - set(loaded)):
         log.warning("a rule names model %s, which is not installed in %s", name, settings.models_dir)
     return loaded
+
+
+def attach_second_stages(loaded: dict[str, LoadedModel]) -> None:
+    """Give each first-stage model's runner the loaded second stage whose card names it (`first_stage.model`)."""
+    for name, lm in loaded.items():
+        first = lm.model.card.first_stage
+        if first is None:
+            continue
+        target = loaded.get(first.model)
+        if target is None:
+            log.warning("second stage %s completes model %s, which is not installed; it is not used", name,
+                        first.model)
+            continue
+        target.runner.second_stage = SecondStage(card=lm.model.card, backend=lm.runner.backend)
+        log.info("second stage attached", extra={"model": first.model, "reason": f"second stage {name}"})
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 NOT_FOR_CLINICAL_USE = "Research use only. Not for clinical use."
 
@@ -81,14 +81,21 @@ class SeriesPreference(_Strict):
     prefer: Literal["thinnest", "most_slices"] = "thinnest"
 
 
+class FirstStage(_Strict):
+    """For a second-stage model: the model whose findings it completes, and that model's threshold when combined."""
+
+    model: str
+    probability: float = Field(gt=0, lt=1)   # replaces the first stage's own thresholds.probability
+
+
 class ModelCard(_Strict):
     name: str
     version: str
-    task: Literal["lung-nodule-detection", "vertebra-labelling"]
+    task: Literal["lung-nodule-detection", "vertebra-labelling", "lung-nodule-candidate-classification"]
     description: str
     modality: list[str]
     body_part: list[str]
-    postprocess: Literal["nodules", "vertebrae"]
+    postprocess: Literal["nodules", "vertebrae", "candidates"]   # candidates: inference.second_stage
     input: InputSpec
     output: OutputSpec
     labels: list[LabelSpec]
@@ -96,9 +103,17 @@ class ModelCard(_Strict):
     # vertebrae: drop levels found out of cranio-caudal order (postprocess.cranio_caudal_subset)
     ordered_levels: bool = False
     series: SeriesPreference
+    first_stage: FirstStage | None = None   # set for a second-stage model (postprocess "candidates")
     weights_file: str = "model.onnx"
     weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     training: dict = Field(default_factory=dict)   # data, seed, command, epochs, time
     metrics: dict = Field(default_factory=dict)    # held-out figures with the command that made them
     intended_use: str = NOT_FOR_CLINICAL_USE
     algorithm_manufacturer: str = "dxgate project"
+
+    @model_validator(mode="after")
+    def _second_stage_names_its_first(self) -> ModelCard:
+        if (self.postprocess == "candidates") != (self.first_stage is not None):
+            raise ValueError("a model with postprocess 'candidates' (a second stage) must name its first_stage, "
+                             "and only such a model may")
+        return self

@@ -18,6 +18,7 @@ from inference.model_pass import model_logits
 from inference.model_repo import RegisteredModel
 from inference.postprocess import PostprocessError, postprocess
 from inference.preprocess import PreprocessError, ResampleInfo, preprocess
+from inference.second_stage import SecondStage
 from inference.volume import Volume, load_series
 
 log = logging.getLogger(__name__)
@@ -53,15 +54,29 @@ class ModelRunner:
     """Runs one registered model on one series with a warm backend (the backend is owned by the caller)."""
 
     def __init__(self, model: RegisteredModel, backend: Backend, blend_mode: str = "gaussian",
-                 preprocessor: Preprocessor | None = None) -> None:
+                 preprocessor: Preprocessor | None = None, second_stage: SecondStage | None = None) -> None:
         self.model = model
         self.backend = backend
         self.blend_mode = blend_mode
         self.preprocessor: Preprocessor = preprocessor or preprocess   # e.g. DevicePreprocessor on CUDA
+        self.second_stage = second_stage   # lung nodules: scored blob candidates added to the findings
+
+    @property
+    def card(self) -> ModelCard:
+        """The card postprocessing uses: with a second stage, the first stage's threshold is the combined one."""
+        card = self.model.card
+        if self.second_stage is None:
+            return card
+        first = self.second_stage.card.first_stage
+        return card.model_copy(update={"thresholds": card.thresholds.model_copy(
+            update={"probability": first.probability})})  # type: ignore[union-attr]
 
     def run(self, paths: Sequence[Path], progress: Callable[[str], None] | None = None) -> InferenceResult:
         """Load, preprocess, infer and postprocess one series; `stage_seconds` has one entry per stage."""
-        card = self.model.card
+        card = self.card
+        if card.postprocess == "candidates":
+            raise PostprocessError(f"{card.name} is a second stage of {card.first_stage.model}; "  # type: ignore[union-attr]
+                                   "route studies to that model")
         seconds: dict[str, float] = {}
         with _stage("load", seconds):
             volume = load_series(paths, expected_modality=card.modality)
@@ -79,6 +94,9 @@ class ModelRunner:
         with _stage("postprocess", seconds):
             findings, label_map = postprocess(logits, volume, card, info)
             del logits
+            if self.second_stage is not None:
+                findings = findings + self.second_stage.findings(volume, findings, label_map)
+                findings.sort(key=lambda f: -f.probability)
         log.info("model %s %s on series %s: %d findings; stages %s", card.name, card.version,
                  volume.series_instance_uid, len(findings),
                  {k: round(v, 3) for k, v in seconds.items()})
@@ -87,7 +105,8 @@ class ModelRunner:
             label_map=label_map,
             source_sop_instance_uids=list(volume.sop_instance_uids),
             model_name=card.name,
-            model_version=card.version,
+            model_version=card.version if self.second_stage is None else
+            f"{card.version}+{self.second_stage.card.name}.{self.second_stage.card.version}",
             weights_sha256=card.weights_sha256,
             stage_seconds=seconds,
         )

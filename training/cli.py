@@ -195,16 +195,20 @@ def choose_operating_point(card_fields: dict[str, Any], entries: list[dict[str, 
         found, _ = postprocess(logits, volume, card, info)
         preds.append([(f.centre_mm, f.probability) for f in found])
         truths.append([(n["centre_mm"], n["diameter_mm"]) for n in entry["nodules"]])
-    froc = froc_cpm(preds, truths)
+    return {**threshold_at(froc_cpm(preds, truths), fp_per_scan, floor), "calibration_scans": len(entries)}
+
+
+def threshold_at(froc: Any, fp_per_scan: float, floor: float) -> dict[str, Any]:
+    """The lowest threshold (>= floor) of a calibration FROC with at most `fp_per_scan` FP per scan: halfway
+    between the last finding kept and the first one dropped (the gateway keeps p > cut), with the figures there."""
     within = np.flatnonzero(froc.fps <= fp_per_scan)
     k = int(within[-1]) if within.size else 0
-    # cut halfway between the last finding kept and the first one dropped (the gateway keeps p > cut)
     kept = float(froc.thresholds[k]) if k else 1.0
     dropped = float(froc.thresholds[k + 1]) if k + 1 < len(froc.thresholds) else floor
     threshold = float(np.clip(0.5 * (kept + dropped), floor, 1.0 - 1e-6))
     return {"probability": threshold, "target_fp_per_scan": fp_per_scan,
             "calibration_fp_per_scan": float(froc.fps[k]), "calibration_sensitivity": float(froc.sensitivity[k]),
-            "calibration_scans": len(entries), "calibration_nodules": froc.n_nodules}
+            "calibration_nodules": froc.n_nodules}
 
 
 def evaluate(net: torch.nn.Module, card_fields: dict[str, Any], entries: list[dict[str, Any]],

@@ -62,7 +62,7 @@ def test_smoke_model_is_a_valid_folder(tmp_path: Path, name: str) -> None:
     assert card.postprocess == ("nodules" if name == "lung_nodule_ct" else "vertebrae")
 
 
-@pytest.mark.parametrize("name", ["lung_nodule_ct", "spine_vertebrae_ct"])
+@pytest.mark.parametrize("name", ["lung_nodule_ct", "spine_vertebrae_ct", "lung_nodule_candidates_ct"])
 def test_shipped_model_loads_and_runs(name: str) -> None:
     folder = REPO_MODELS / name
     if not (folder / "metadata.json").is_file():
@@ -76,4 +76,8 @@ def test_shipped_model_loads_and_runs(name: str) -> None:
     session = ort.InferenceSession(str(load_model(folder).weights_path), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).random((1, 1, *card.input.roi_size), dtype=np.float32)
     (out,) = session.run(None, {"image": x})
-    assert out.shape == (1, card.output.channels, *card.input.roi_size)
+    if card.postprocess == "candidates":   # one logit per patch
+        assert out.shape == (1, card.output.channels, 1, 1, 1)
+        assert card.first_stage is not None and (REPO_MODELS / card.first_stage.model / "metadata.json").is_file()
+    else:
+        assert out.shape == (1, card.output.channels, *card.input.roi_size)

@@ -1,0 +1,126 @@
+"""Second stage of lung nodule detection: blob candidates scored by a classifier, added to the first stage's findings.
+
+The first stage (a segmentation network, `inference.postprocess.nodules`) finds every 10-30 mm nodule but misses
+small ones against a vessel or the pleura. The second stage model (card `postprocess: candidates`, with
+`first_stage` naming the model it completes) scores each `inference.candidates` blob on a 24 mm patch at 1 mm;
+blobs at or above its threshold that no first-stage finding already covers become findings of their own, with the
+diameter of the blob's best LoG scale and a sphere of that size in the label map.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from pydicom.uid import generate_uid
+
+from inference.backends.base import Backend
+from inference.candidates import ISO_MM, WINDOW, chest_candidates, patches, to_iso, to_u8
+from inference.errors import InferenceError
+from inference.findings import Finding
+from inference.model_card import ModelCard
+from inference.postprocess import _code
+from inference.volume import Volume
+
+log = logging.getLogger(__name__)
+
+SUPPRESS_MM = 4.0   # a blob within this of a kept one (or inside a first-stage finding's radius + this) is the same
+
+
+class SecondStageError(InferenceError):
+    """The candidate classifier cannot score this volume."""
+
+    stage = "postprocess"
+
+
+@dataclass(frozen=True)
+class ScoredCandidates:
+    """Every blob candidate of one volume: source-grid indices (z, y, x) [N, 3], probabilities [N], diameters [N]."""
+
+    source_index: np.ndarray
+    probability: np.ndarray
+    diameter_mm: np.ndarray
+
+
+def score_candidates(volume: Volume, backend: Backend, card: ModelCard) -> ScoredCandidates:
+    """Find the blob candidates of `volume` and score each with the classifier behind `backend`."""
+    if tuple(card.input.spacing_mm) != (ISO_MM,) * 3 or len(set(card.input.roi_size)) != 1:
+        raise SecondStageError(f"{card.name}: candidates are scored on cubic patches at {ISO_MM} mm, card has "
+                               f"{card.input.spacing_mm} / {card.input.roi_size}")
+    if tuple(card.input.window) != WINDOW:
+        raise SecondStageError(f"{card.name}: window {card.input.window} differs from the patches' {WINDOW} HU")
+    iso = to_iso(volume.voxels, volume.spacing)
+    found = chest_candidates(iso)
+    u8 = to_u8(iso)
+    del iso
+    size, batch = card.input.roi_size[0], card.input.batch_size
+    scores = np.empty(len(found), dtype=np.float32)
+    for i in range(0, len(found), batch):
+        x = patches(u8, found.index[i:i + batch], size).astype(np.float32)
+        x *= np.float32(1.0 / 255.0)
+        out = backend.infer({card.input.name: x[:, None]})[card.output.name]
+        scores[i:i + len(x)] = 1.0 / (1.0 + np.exp(-np.asarray(out, dtype=np.float32).reshape(-1)))
+    source = found.index * (ISO_MM / np.asarray(volume.spacing, dtype=np.float64))
+    return ScoredCandidates(source, scores, found.diameter_mm)
+
+
+def _finding(volume: Volume, card: ModelCard, source_index: np.ndarray, probability: float, diameter: float
+             ) -> Finding:
+    spec = card.labels[0]
+    z = int(np.clip(round(float(source_index[0])), 0, len(volume.sop_instance_uids) - 1))
+    return Finding(label_index=spec.index, label=spec.name, finding_code=_code(spec.finding),  # type: ignore[arg-type]
+                   centre_mm=tuple(float(v) for v in volume.index_to_patient(source_index)),  # type: ignore[arg-type]
+                   probability=float(probability), diameter_mm=float(diameter),
+                   volume_mm3=float(np.pi / 6.0 * diameter ** 3), site_code=_code(spec.site),
+                   referenced_sop_instance_uid=volume.sop_instance_uids[z], tracking_uid=generate_uid())
+
+
+def _paint_sphere(label_map: np.ndarray, volume: Volume, source_index: np.ndarray, diameter: float, value: int
+                  ) -> None:
+    """Set the free (0) voxels of a sphere of `diameter` mm around `source_index` to `value`."""
+    sp = np.asarray(volume.spacing, dtype=np.float64)
+    r = diameter / 2.0
+    lo = np.maximum(0, np.floor(source_index - r / sp).astype(int))
+    hi = np.minimum(label_map.shape, np.ceil(source_index + r / sp).astype(int) + 1)
+    if np.any(hi <= lo):
+        return
+    grid = np.meshgrid(*(np.arange(a, b) for a, b in zip(lo, hi, strict=True)), indexing="ij")
+    inside = sum(((g - c) * s) ** 2 for g, c, s in zip(grid, source_index, sp, strict=True)) <= r * r
+    box = label_map[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))]
+    box[inside & (box == 0)] = value
+
+
+def add_candidate_findings(scored: ScoredCandidates, volume: Volume, card: ModelCard, first: list[Finding],
+                           label_map: np.ndarray) -> list[Finding]:
+    """Findings for the candidates at or above `card.thresholds.probability`, most probable first, that lie
+    neither within a first-stage finding's radius + `SUPPRESS_MM` nor within `SUPPRESS_MM` of a more probable
+    kept candidate. Their spheres are painted into `label_map` (only where it is 0)."""
+    keep = np.flatnonzero(scored.probability >= card.thresholds.probability)
+    keep = keep[np.argsort(-scored.probability[keep], kind="stable")]
+    mm = volume.index_to_patient(scored.source_index[keep]) if len(keep) else np.zeros((0, 3))
+    taken = [(np.asarray(f.centre_mm), (f.diameter_mm or 0.0) / 2.0 + SUPPRESS_MM) for f in first]
+    out: list[Finding] = []
+    for k, p in zip(keep, mm, strict=True):
+        if any(np.linalg.norm(p - c) < r for c, r in taken):
+            continue
+        taken.append((p, SUPPRESS_MM))
+        out.append(_finding(volume, card, scored.source_index[k], float(scored.probability[k]),
+                            float(scored.diameter_mm[k])))
+        _paint_sphere(label_map, volume, scored.source_index[k], float(scored.diameter_mm[k]), card.labels[0].index)
+    return out
+
+
+@dataclass
+class SecondStage:
+    """A loaded candidate classifier and its card, attached to the first-stage model's runner."""
+
+    card: ModelCard
+    backend: Backend
+
+    def findings(self, volume: Volume, first: list[Finding], label_map: np.ndarray) -> list[Finding]:
+        scored = score_candidates(volume, self.backend, self.card)
+        extra = add_candidate_findings(scored, volume, self.card, first, label_map)
+        log.info("second stage %s %s: %d candidates, %d findings added", self.card.name, self.card.version,
+                 len(scored.probability), len(extra))
+        return extra

@@ -1,0 +1,60 @@
+"""Second-stage findings: a scored blob inside a first-stage finding is not reported twice; others are painted."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from inference.findings import Code, Finding
+from inference.model_card import ModelCard
+from inference.second_stage import ScoredCandidates, add_candidate_findings
+from inference.volume import Volume
+
+
+def _card(probability: float = 0.6) -> ModelCard:
+    label = {"index": 1, "name": "Lung nodule", "finding": {"value": "27925004", "scheme": "SCT", "meaning": "Nodule"},
+             "category": {"value": "49755003", "scheme": "SCT", "meaning": "Morphologically abnormal structure"}}
+    return ModelCard.model_validate({
+        "name": "second", "version": "1", "task": "lung-nodule-candidate-classification", "description": "test",
+        "modality": ["CT"], "body_part": ["CHEST"], "postprocess": "candidates",
+        "input": {"spacing_mm": [1, 1, 1], "window": [-1000, 400], "roi_size": [28, 28, 28], "batch_size": 8},
+        "output": {"channels": 1}, "labels": [label], "thresholds": {"probability": probability},
+        "series": {"modalities": ["CT"]}, "first_stage": {"model": "first", "probability": 0.7},
+        "weights_sha256": "0" * 64})
+
+
+def _volume() -> Volume:
+    return Volume(voxels=np.zeros((40, 64, 64), dtype=np.int16), spacing=(2.0, 0.5, 0.5),
+                  origin=np.array([-16.0, -16.0, 0.0]), direction=np.eye(3),
+                  sop_instance_uids=[f"2.25.{i + 1}" for i in range(40)], modality="CT",
+                  frame_of_reference_uid="2.25.1")
+
+
+def test_blobs_below_threshold_inside_a_finding_or_beside_a_kept_blob_are_dropped() -> None:
+    vol, card = _volume(), _card()
+    first = Finding(label_index=1, label="Lung nodule", finding_code=Code("27925004", "SCT", "Nodule"),
+                    centre_mm=tuple(float(v) for v in vol.index_to_patient(np.array([10.0, 20.0, 20.0]))),
+                    probability=0.9, diameter_mm=6.0)
+    scored = ScoredCandidates(
+        source_index=np.array([[10.0, 22.0, 20.0],    # 1 mm from the first-stage finding: the same nodule
+                               [30.0, 40.0, 40.0],    # a new one, kept
+                               [30.0, 44.0, 40.0],    # 2 mm from it, less probable: the same blob
+                               [20.0, 50.0, 10.0]]),  # below the threshold
+        probability=np.array([0.95, 0.8, 0.7, 0.5], dtype=np.float32), diameter_mm=np.array([5.0, 4.0, 4.0, 9.0]))
+    label_map = np.zeros(vol.shape, dtype=np.uint8)
+    out = add_candidate_findings(scored, vol, card, [first], label_map)
+    assert len(out) == 1 and out[0].probability == pytest.approx(0.8)
+    assert np.allclose(out[0].centre_mm, vol.index_to_patient(np.array([30.0, 40.0, 40.0])))
+    assert out[0].diameter_mm == pytest.approx(4.0) and out[0].referenced_sop_instance_uid == "2.25.31"
+    painted = np.argwhere(label_map == 1)
+    assert len(painted) > 0 and np.all(np.abs(painted - [30, 40, 40]) <= [1, 4, 4])
+    # a 4 mm sphere at 2 x 0.5 x 0.5 mm voxels: about 33.5 mm3 / 0.5 mm3 per voxel
+    assert 40 <= len(painted) <= 90
+
+
+def test_a_second_stage_card_must_name_its_first_stage_and_only_it() -> None:
+    fields = _card().model_dump()
+    with pytest.raises(ValueError, match="first_stage"):
+        ModelCard.model_validate({**fields, "first_stage": None})
+    with pytest.raises(ValueError, match="first_stage"):
+        ModelCard.model_validate({**fields, "postprocess": "nodules"})

@@ -1,0 +1,56 @@
+"""The second stage's classifier data: patches are labelled by nodule, hard negatives outrank a random draw."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from inference.candidates import to_u8
+from training import candidate_classifier as cc
+
+
+def test_training_patches_label_candidates_by_nodule() -> None:
+    from training.synthetic.chest_ct import generate_chest_ct
+
+    small = [n for n in generate_chest_ct(7, nodules=3, rows=256, slices=80).nodules
+             if n.diameter_mm <= cc.MAX_DIAMETER_MM]
+    assert small, "seed 7 has a nodule the classifier is trained on"
+    x, y, n = cc.training_patches(7, nodules=3, n_neg=50, rows=256, slices=80)
+    assert x.shape[1:] == (cc.STORED,) * 3 and x.dtype == np.uint8
+    assert int((y == 0).sum()) == 50 and n >= 50
+    # six jittered centres per nodule up to 12 mm, plus the blob candidates inside each of them
+    assert int(y.sum()) >= 6 * len(small) + 1
+    c = cc.STORED // 2
+    lung = to_u8(np.array([-850.0]))[0]
+    core = x[y == 1][:, c - 1:c + 2, c - 1:c + 2, c - 1:c + 2].mean(axis=(1, 2, 3))
+    assert np.all(core > lung + 20), "every positive patch is centred on a nodule, denser than the lung"
+
+
+def test_classifier_scores_every_patch_as_a_probability() -> None:
+    net = cc.CandidateNet().to(memory_format=torch.channels_last_3d)
+    p = cc.score(net, np.random.default_rng(0).integers(0, 255, (5, cc.STORED, cc.STORED, cc.STORED),
+                                                             dtype=np.uint8))
+    assert p.shape == (5,) and np.all((p >= 0) & (p <= 1))
+
+
+class _Density(torch.nn.Module):
+    """A stand-in scorer for hard-negative mining: the denser the patch centre, the higher the logit."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[-1] // 2
+        return 50.0 * (x[:, :, c - 2:c + 2, c - 2:c + 2, c - 2:c + 2].mean(dim=(2, 3, 4), keepdim=True) - 0.1)
+
+
+def test_hard_negatives_are_the_ones_the_classifier_scores_highest() -> None:
+    kw = {"nodules": 3, "n_neg": 40, "rows": 256, "slices": 80}
+    x0, y0, _ = cc.training_patches(7, **kw)
+    x1, y1, _ = cc.training_patches(7, hard=_Density(), n_hard=30, **kw)
+    assert int((y1 == 0).sum()) == 40 and int(y1.sum()) == int(y0.sum()), "same positives, same negative count"
+    c = cc.STORED // 2
+
+    def density(x: np.ndarray) -> np.ndarray:
+        return x[:, c - 2:c + 2, c - 2:c + 2, c - 2:c + 2].mean(axis=(1, 2, 3))
+
+    d0, d1 = density(x0[y0 == 0]), density(x1[y1 == 0])
+    assert np.sort(d1)[-30:].min() >= np.median(d0), "the mined negatives outrank a random draw's median"
+    assert np.sort(d1)[-30:].mean() > np.sort(d0)[-30:].mean(), "and the random draw's top 30"

@@ -1,0 +1,89 @@
+"""`dxgate train lung-nodule-candidates` on tiny data: trains, calibrates, registers, and the gateway serves it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from inference.model_repo import load_model
+
+SHIPPED_LUNG = Path(__file__).resolve().parents[2] / "models" / "lung_nodule_ct"
+
+
+@pytest.fixture(scope="module")
+def second_stage(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models/ folder holding the shipped lung model and a second stage trained a few seconds on tiny CTs."""
+    import shutil
+
+    from training.second_stage import load_config, run
+
+    root = tmp_path_factory.mktemp("second_stage")
+    models = root / "models"
+    shutil.copytree(SHIPPED_LUNG, models / "lung_nodule_ct")
+    small = {"rows": 128, "slices": 40, "n_neg": 60}
+    config = root / "config.yaml"
+    config.write_text(json.dumps({
+        "first_stage": str(models / "lung_nodule_ct"), "run_dir": str(root / "run"),
+        "rounds": [{"seeds": [3000, 3003], "minutes": 0.05, "lr": 0.002, **small},
+                   {"seeds": [3003, 3006], "minutes": 0.05, "lr": 0.001, "hard": True, **small}],
+        "calibration": {"dir": str(root / "data"), "section": "calibration", "n": 2, "seed": 6000, "rows": 128},
+        "test": [{"dir": str(root / "data"), "section": "test", "n": 2, "seed": 9000, "rows": 128}],
+        "register_to": str(models), "batch_size": 64,
+    }))
+    out = run(load_config(config), config, log=lambda s: None)
+    assert out["registered"] == str(models / "lung_nodule_candidates_ct")
+    return models
+
+
+def test_the_command_registers_a_second_stage_naming_its_first(second_stage: Path) -> None:
+    model = load_model(second_stage / "lung_nodule_candidates_ct")
+    card = model.card
+    assert card.postprocess == "candidates" and card.first_stage is not None
+    assert card.first_stage.model == "lung_nodule_ct"
+    assert 0.3 <= card.thresholds.probability < 1 and card.first_stage.probability == card.thresholds.probability
+    assert "not for clinical use" in card.intended_use.lower()
+    held = card.metrics["heldout"][0]
+    assert held["cases"] == 2 and 0 <= held["sensitivity_at_1fp_per_scan"] <= 1
+    assert (second_stage / "lung_nodule_candidates_ct" / held["figure"]).is_file()
+    assert card.training["command"].startswith("dxgate train lung-nodule-candidates --config ")
+    assert card.training["onnx_parity_max_abs_diff"] <= 1e-4
+    assert card.training["rounds"][1]["hard"] is True
+
+
+def test_the_gateway_runs_the_second_stage_with_the_lung_model(second_stage: Path, tmp_path: Path) -> None:
+    from dicom_gateway.server import load_models
+    from dicom_gateway.settings import Settings
+    from training.synthetic import write_chest_ct_study
+
+    study = write_chest_ct_study(tmp_path / "ct", seed=11, slices=60, nodules=3, rows=128)
+    loaded = load_models(Settings(models_dir=second_stage))
+    lung = loaded["lung_nodule_ct"].runner
+    assert lung.second_stage is not None and lung.second_stage.card.name == "lung_nodule_candidates_ct"
+    result = lung.run(sorted((tmp_path / "ct").glob("*.dcm")))
+    assert result.model_version == "1+lung_nodule_candidates_ct.1"
+    assert result.label_map.shape[0] == 60
+    threshold = lung.second_stage.card.thresholds.probability
+    assert lung.card.thresholds.probability == threshold, "the first stage runs at the combined threshold"
+    for f in result.findings:
+        assert f.diameter_mm is not None and f.diameter_mm > 0 and f.probability >= threshold - 1e-6
+    assert np.count_nonzero(result.label_map) > 0 or not result.findings
+    assert study.volume.nodules
+
+
+def test_a_rule_naming_the_second_stage_routes_nothing_and_says_why(second_stage: Path) -> None:
+    from dicom_gateway.routing import route_study
+    from dicom_gateway.series import SeriesSummary
+    from dicom_gateway.settings import Rule, RuleMatch
+    from inference.model_repo import discover_models
+
+    models = discover_models(second_stage)
+    series = SeriesSummary(series_uid="2.25.7", modality="CT", body_part="CHEST", series_description="",
+                           series_number=1, slice_thickness=1.0, orientation="axial", n_instances=80,
+                           calling_ae="PACS", sop_instance_uids=tuple(f"2.25.7.{i}" for i in range(80)), paths=())
+    rule = Rule(name="chest", match=RuleMatch(modality=["CT"]), models=["lung_nodule_candidates_ct", "lung_nodule_ct"])
+    decisions, reasons = route_study([rule], models, [series], ["pacs"])
+    assert [d.model for d in decisions] == ["lung_nodule_ct"]
+    assert any("second stage of lung_nodule_ct" in r for r in reasons)

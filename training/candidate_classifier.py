@@ -1,0 +1,220 @@
+"""The lung nodule second stage's classifier: a small 3D CNN that scores `inference.candidates` blob candidates.
+
+Training data are the candidates of generated chest CTs that no evaluation uses (8 nodules each): candidates
+within a nodule's radius (nodules <= 12 mm; larger ones are the first stage's) and jittered nodule centres are
+positive, `n_neg` other candidates per CT negative. A second round draws most negatives from the candidates a
+first classifier scores highest (hard negatives) and fine-tunes it.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from inference.candidates import PATCH_MM, chest_candidates, patches, to_iso, to_u8
+
+STORED = 32                    # stored patch edge: the network sees a 24 mm crop of it, jittered +-2 mm
+MAX_DIAMETER_MM = 12.0         # larger nodules are the first stage's (it finds every 10-30 mm one)
+
+
+def _to_mm(idx: np.ndarray, origin: Sequence[float]) -> np.ndarray:
+    """1 mm grid indices (z, y, x) of an axis-aligned generated CT -> patient (x, y, z) mm."""
+    idx = np.asarray(idx, dtype=float).reshape(-1, 3)
+    return np.asarray(origin, dtype=float)[None, :] + idx[:, ::-1]
+
+
+def _to_idx(mm: Sequence[float], origin: Sequence[float]) -> np.ndarray:
+    return (np.asarray(mm, dtype=float) - np.asarray(origin, dtype=float))[::-1]
+
+
+def training_patches(seed: int, nodules: int = 8, n_neg: int = 700, rows: int = 512, slices: int | None = None,
+                     hard: nn.Module | None = None, n_hard: int = 500) -> tuple[np.ndarray, np.ndarray, int]:
+    """Labelled patches (`STORED` mm) of one generated chest CT: (patches, labels 1/0, candidate count).
+
+    With a classifier `hard`, `n_hard` of the `n_neg` negatives are those it scores highest (hard negatives)."""
+    from training.synthetic.chest_ct import generate_chest_ct
+
+    rng = np.random.default_rng(seed)
+    sv = generate_chest_ct(seed, nodules=nodules, rows=rows, slices=slices)
+    iso = to_iso(sv.hu, tuple(sv.spacing))
+    found = chest_candidates(iso)
+    u8 = to_u8(iso)
+    del iso
+    pk, mm = found.index, _to_mm(found.index, sv.origin)
+    lab = np.zeros(len(pk), dtype=np.int8)      # 1 positive, 0 negative, -1 left out (edge or large nodule)
+    extra = []
+    for n in sv.nodules:
+        c = np.asarray(n.centre_mm)
+        r = n.diameter_mm / 2
+        d = np.linalg.norm(mm - c, axis=1)
+        if n.diameter_mm > MAX_DIAMETER_MM:
+            lab[d < r + 2] = -1
+            continue
+        lab[(d < r) & (lab == 0)] = 1
+        lab[(d >= r) & (d < r + 1.0) & (lab == 0)] = -1
+        j = _to_idx(c, sv.origin)
+        for _ in range(6):
+            extra.append(np.round(j + rng.uniform(-0.5, 0.5, 3) * min(r, 2.0)).astype(int))
+    pos = np.nonzero(lab == 1)[0]
+    neg = np.nonzero(lab == 0)[0]
+    if hard is not None and len(neg) > n_neg:
+        top = neg[np.argsort(-score(hard, patches(u8, pk[neg], STORED)))[:min(n_hard, n_neg)]]
+        rest = np.setdiff1d(neg, top)
+        neg = np.concatenate([top, rng.choice(rest, n_neg - len(top), replace=False)])
+    else:
+        neg = rng.choice(neg, min(n_neg, len(neg)), replace=False)
+    idx = np.concatenate([pk[pos], np.asarray(extra, dtype=int).reshape(-1, 3), pk[neg]])
+    y = np.concatenate([np.ones(len(pos) + len(extra)), np.zeros(len(neg))]).astype(np.uint8)
+    return patches(u8, idx, STORED), y, len(pk)
+
+
+def _block(i: int, o: int) -> nn.Module:
+    return nn.Sequential(nn.Conv3d(i, o, 3, padding=1, bias=False), nn.BatchNorm3d(o), nn.ReLU(inplace=True))
+
+
+class CandidateNet(nn.Module):
+    """Nodule-or-not logit of a 24 mm patch at 1 mm: [N, 1, 24, 24, 24] in [0, 1] -> [N, 1, 1, 1, 1].
+
+    0.18 M parameters; one convolution at full resolution, two at each of the three coarser scales (a training
+    step of 64 patches takes about 0.75 s on 2 AVX2 cores without bfloat16). The output keeps five axes so the
+    model folder has the same Triton layout as the segmentation models (`training.register.config_pbtxt`)."""
+
+    def __init__(self, channels: tuple[int, int, int] = (12, 24, 48)) -> None:
+        super().__init__()
+        a, b, c = channels
+        self.f = nn.Sequential(_block(1, a), nn.MaxPool3d(2), _block(a, b), _block(b, b),
+                               nn.MaxPool3d(2), _block(b, c), _block(c, c), nn.MaxPool3d(2), _block(c, c),
+                               nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(c, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.f(x)[:, :, None, None, None]
+
+
+def load_classifier(path: Path) -> CandidateNet:
+    """A trained `CandidateNet` from its state dict."""
+    net = CandidateNet().to(memory_format=torch.channels_last_3d)
+    net.load_state_dict(torch.load(path, map_location="cpu"))
+    return net
+
+
+def _crop(x: np.ndarray, off: Any) -> np.ndarray:
+    return x[:, off[0]:off[0] + PATCH_MM, off[1]:off[1] + PATCH_MM, off[2]:off[2] + PATCH_MM]
+
+
+def _augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random 24 mm crop (+-2 mm around the centre), flips, and a y/x swap (not z: slice thickness differs)."""
+    c = (STORED - PATCH_MM) // 2
+    x = _crop(x, rng.integers(c - 2, c + 3, 3))
+    for ax in (1, 2, 3):
+        if rng.uniform() < 0.5:
+            x = np.flip(x, ax)
+    if rng.uniform() < 0.5:
+        x = np.swapaxes(x, 2, 3)
+    return np.ascontiguousarray(x)
+
+
+def _autocast() -> Any:
+    """bfloat16 autocast where the CPU has native bfloat16 (AVX512-BF16 / AMX); emulated it is ~50x slower."""
+    from contextlib import nullcontext
+
+    from training.train import cpu_has_bf16
+
+    return torch.autocast("cpu", dtype=torch.bfloat16) if cpu_has_bf16() else nullcontext()
+
+
+def _tensor(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(x.astype(np.float32) / 255.0)[:, None].contiguous(memory_format=torch.channels_last_3d)
+
+
+def score(net: nn.Module, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    """Classifier probabilities of stored patches (centre crop)."""
+    net.eval()
+    out = []
+    c = (x.shape[1] - PATCH_MM) // 2
+    with torch.no_grad(), _autocast():
+        for i in range(0, len(x), batch):
+            out.append(torch.sigmoid(net(_tensor(_crop(x[i:i + batch], (c, c, c)))).reshape(-1).float()).numpy())
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
+def _patch_file(out: Path, seed: int, hard: Path | None, options: dict[str, Any]) -> None:
+    f = out / f"train_{seed}.npz"
+    if f.exists():
+        return
+    torch.set_num_threads(1)
+    x, y, n = training_patches(seed, hard=None if hard is None else load_classifier(hard), **options)
+    tmp = f.with_suffix(".tmp.npz")
+    np.savez(tmp, x=x, y=y, candidates=n)
+    tmp.replace(f)
+
+
+def write_patches(out: Path, seeds: Sequence[int], hard: Path | None = None, workers: int = 2,
+                  log: Callable[[str], None] = print, **options: Any) -> None:
+    """One `train_<seed>.npz` per seed (skipped when it exists), `workers` CTs at a time; `options` go to
+    `training_patches` (rows, slices, n_neg, ...)."""
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [s for s in seeds if not (out / f"train_{s}.npz").exists()]
+    t0 = time.time()
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for k, _ in enumerate(pool.map(_patch_file, [out] * len(todo), todo, [hard] * len(todo),
+                                                       [options] * len(todo)), start=1):
+            log(f"patches {out.name}: {k}/{len(todo)} CTs, {time.time() - t0:.0f} s")
+
+
+def train_classifier(patch_dirs: list[Path], out: Path, minutes: float, lr: float = 2e-3, seed: int = 0,
+                     init: Path | None = None, log: Callable[[str], None] = print) -> dict[str, float]:
+    """Train `CandidateNet` for `minutes` (cosine lr over that time; 16 positives + 48 negatives a batch).
+
+    The first 4 files (by name) of the first folder and the first 2 of each further one are validation; `init`
+    starts from a trained classifier. Returns the last validation figures."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+
+    def load(fs: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+        d = [np.load(f) for f in fs]
+        return np.concatenate([z["x"] for z in d]), np.concatenate([z["y"] for z in d])
+
+    train_files, val_files = [], []
+    for i, d in enumerate(patch_dirs):
+        fs = sorted(d.glob("train_*.npz"))
+        k = min(4 if i == 0 else 2, len(fs) // 2)
+        val_files += fs[:k]
+        train_files += fs[k:]
+    x, y = load(train_files)
+    xv, yv = load(val_files)
+    pos, neg = np.nonzero(y == 1)[0], np.nonzero(y == 0)[0]
+    log(f"train positives {len(pos)} negatives {len(neg)}; validation {int(yv.sum())} / {int((1 - yv).sum())}")
+    net = CandidateNet().to(memory_format=torch.channels_last_3d) if init is None else load_classifier(init)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    loss_fn = nn.BCEWithLogitsLoss()
+    t0, total, step, figures = time.time(), minutes * 60.0, 0, {}
+    while time.time() - t0 < total:
+        net.train()
+        for g in opt.param_groups:
+            g["lr"] = lr * 0.5 * (1 + np.cos(np.pi * min(1.0, (time.time() - t0) / total)))
+        bi = np.concatenate([rng.choice(pos, 16), rng.choice(neg, 48)])
+        with _autocast():
+            logit = net(_tensor(_augment(x[bi], rng))).reshape(-1)
+        loss = loss_fn(logit.float(), torch.from_numpy(y[bi].astype(np.float32)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % 200 == 0:
+            sv = score(net, xv)
+            th = float(np.quantile(sv[yv == 1], 0.05))
+            figures = {"step": step, "seconds": round(time.time() - t0, 1), "loss": round(float(loss.item()), 4),
+                       "negatives_at_95pc_sensitivity": round(float(np.mean(sv[yv == 0] >= th)), 5)}
+            log(json.dumps(figures))
+            torch.save(net.state_dict(), out)
+    torch.save(net.state_dict(), out)
+    return {**figures, "steps": step}
