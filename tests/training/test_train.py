@@ -278,6 +278,16 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_shipped_configs_load_and_match_the_models_they_register(config: Path) -> None:
     import json
 
+    import yaml
+
+    if yaml.safe_load((ROOT / config).read_text())["task"] == "lung-nodule-candidates":   # training.second_stage
+        from training.second_stage import load_config as load_second_stage_config
+
+        second = load_second_stage_config(ROOT / config)
+        card = json.loads((ROOT / "models" / second.name / "metadata.json").read_text())
+        assert card["first_stage"]["model"] == second.first_stage.name
+        assert card["training"]["command"].endswith(f"--config {config}")
+        return
     cfg = load_config(ROOT / config)
     if cfg.register_to is None:
         return
