@@ -201,11 +201,11 @@ def figures(rows: list[dict[str, Any]], entries: list[dict[str, Any]], threshold
     truths = _truths(entries)
     both = froc_cpm(_union(rows), truths)
     alone = froc_cpm([[(tuple(c), p) for c, p in r["components"]] for r in rows], truths)
-    at = froc_cpm([served_findings(r, e, threshold) for r, e in zip(rows, entries, strict=True)], truths)
+    served = [served_findings(r, e, threshold) for r, e in zip(rows, entries, strict=True)]
+    at = froc_cpm(served, truths)
     if plot is not None:
         plot_froc(both, plot, title=title)
     sizes = {"3-6 mm": (3, 6), "6-10 mm": (6, 10), "10-30 mm": (10, 31)}
-    served = [served_findings(r, e, threshold) for r, e in zip(rows, entries, strict=True)]
     found: dict[str, list[int]] = {k: [0, 0] for k in sizes}
     for preds, e in zip(served, entries, strict=True):
         for n in e["nodules"]:
