@@ -17,6 +17,16 @@ class Code:
 
 
 @dataclass(frozen=True)
+class Algorithm:
+    """The model that made a finding: TID 4019 Algorithm Identification in the SR (PS3.16), the Algorithm
+    Identification Sequence of a SEG segment (PS3.3 C.8.20.2)."""
+
+    name: str
+    version: str
+    weights_sha256: str
+
+
+@dataclass(frozen=True)
 class Finding:
     """One detected object.
 
@@ -35,6 +45,7 @@ class Finding:
     site_code: Code | None = None  # anatomic location (e.g. SCT 39607008 Lung)
     referenced_sop_instance_uid: str | None = None  # the source slice nearest the centre
     tracking_uid: str | None = None
+    algorithm: Algorithm | None = None   # None: the result's model; set by a second stage for what it adds
 
 
 @dataclass
@@ -52,3 +63,4 @@ class InferenceResult:
     model_version: str
     weights_sha256: str
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    second_stage: Algorithm | None = None   # a second stage that ran after the model (lung nodule candidates)

@@ -109,4 +109,5 @@ class ModelRunner:
             f"{card.version}+{self.second_stage.card.name}.{self.second_stage.card.version}",
             weights_sha256=card.weights_sha256,
             stage_seconds=seconds,
+            second_stage=None if self.second_stage is None else self.second_stage.algorithm,
         )

@@ -18,7 +18,7 @@ from pydicom.uid import generate_uid
 from inference.backends.base import Backend
 from inference.candidates import ISO_MM, WINDOW, chest_candidates, patches, to_iso, to_u8
 from inference.errors import InferenceError
-from inference.findings import Finding
+from inference.findings import Algorithm, Finding
 from inference.model_card import ModelCard
 from inference.postprocess import _code
 from inference.volume import Volume
@@ -65,6 +65,11 @@ def score_candidates(volume: Volume, backend: Backend, card: ModelCard) -> Score
     return ScoredCandidates(source, scores, found.diameter_mm)
 
 
+def algorithm(card: ModelCard) -> Algorithm:
+    """The identity the SR and SEG give the findings this second stage adds."""
+    return Algorithm(card.name, card.version, card.weights_sha256)
+
+
 def _finding(volume: Volume, card: ModelCard, source_index: np.ndarray, probability: float, diameter: float
              ) -> Finding:
     spec = card.labels[0]
@@ -73,7 +78,8 @@ def _finding(volume: Volume, card: ModelCard, source_index: np.ndarray, probabil
                    centre_mm=tuple(float(v) for v in volume.index_to_patient(source_index)),  # type: ignore[arg-type]
                    probability=float(probability), diameter_mm=float(diameter),
                    volume_mm3=float(np.pi / 6.0 * diameter ** 3), site_code=_code(spec.site),
-                   referenced_sop_instance_uid=volume.sop_instance_uids[z], tracking_uid=generate_uid())
+                   referenced_sop_instance_uid=volume.sop_instance_uids[z], tracking_uid=generate_uid(),
+                   algorithm=algorithm(card))
 
 
 def _paint_sphere(label_map: np.ndarray, volume: Volume, source_index: np.ndarray, diameter: float, value: int
@@ -117,6 +123,10 @@ class SecondStage:
 
     card: ModelCard
     backend: Backend
+
+    @property
+    def algorithm(self) -> Algorithm:
+        return algorithm(self.card)
 
     def findings(self, volume: Volume, first: list[Finding], label_map: np.ndarray) -> list[Finding]:
         scored = score_candidates(volume, self.backend, self.card)

@@ -56,6 +56,7 @@ class Split(_Strict):
     n: int = Field(ge=1)
     seed: int
     rows: int = 512
+    slices: int | None = None       # generated CT length (None: the generator's; set only for tests)
 
 
 class SecondStageConfig(_Strict):
@@ -268,7 +269,8 @@ def run(cfg: SecondStageConfig, config_path: Path, log: Any = print) -> dict[str
     scoring_card = _classifier_card_for_scoring(cfg, first.card)
 
     def split(s: Split) -> list[dict[str, Any]]:
-        return generate_dataset("lung-nodule", s.dir, s.section, s.n, s.seed, rows=s.rows, progress=False)
+        return generate_dataset("lung-nodule", s.dir, s.section, s.n, s.seed, rows=s.rows, slices=s.slices,
+                                progress=False)
 
     cal = split(cfg.calibration)
     cal_rows = scored_split(cal, cfg.run_dir / "scores" / "calibration", cfg.first_stage, onnx, scoring_card,

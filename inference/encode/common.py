@@ -17,7 +17,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from inference.errors import EncodeError
-from inference.findings import Code, Finding, InferenceResult
+from inference.findings import Algorithm, Code, Finding, InferenceResult
 from inference.model_card import LabelSpec, ModelCard
 
 MANUFACTURER = "dxgate project"
@@ -69,14 +69,20 @@ def device_uid(card: ModelCard) -> str:
     return generate_uid(entropy_srcs=[SOFTWARE_NAME, card.name, card.version])
 
 
-def algorithm_identification(card: ModelCard) -> hd.AlgorithmIdentificationSequence:
-    """Algorithm Identification Sequence (PS3.3 C.8.20.2 / 10.16) of the model, with its weights hash."""
+def algorithm_identification(card: ModelCard, second_stage: Algorithm | None = None
+                             ) -> hd.AlgorithmIdentificationSequence:
+    """Algorithm Identification Sequence (PS3.3 C.8.20.2 / 10.16) of the model, with its weights hash, and the
+    second stage whose findings share the model's segments, when one ran."""
+    parameters = {"weights_sha256": card.weights_sha256}
+    if second_stage is not None:
+        parameters |= {"second_stage": f"{second_stage.name} {second_stage.version}",
+                       "second_stage_weights_sha256": second_stage.weights_sha256}
     return hd.AlgorithmIdentificationSequence(
         name=card.name,
         family=codes.DCM.ArtificialIntelligence,
         version=card.version,
         source=card.algorithm_manufacturer,
-        parameters={"weights_sha256": card.weights_sha256},
+        parameters=parameters,
     )
 
 

@@ -27,7 +27,7 @@ from inference.encode.common import (
     series_description,
 )
 from inference.errors import EncodeError
-from inference.findings import Finding, InferenceResult
+from inference.findings import Algorithm, Finding, InferenceResult
 from inference.model_card import ModelCard
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,8 @@ def encode_seg(
     if dropped:
         log.warning("seg: %d labelled voxels belong to no finding and are not encoded", dropped)
 
-    descriptions = [_describe(findings[index], number, card) for index, number in numbers.items()]
+    added = result.second_stage if any(f.algorithm for f in result.findings) else None
+    descriptions = [_describe(findings[index], number, card, added) for index, number in numbers.items()]
     try:
         seg = hd.seg.Segmentation(
             source_images=images,
@@ -95,7 +96,8 @@ def encode_seg(
     return seg
 
 
-def _describe(finding: Finding, number: int, card: ModelCard) -> hd.seg.SegmentDescription:
+def _describe(finding: Finding, number: int, card: ModelCard, second_stage: Algorithm | None
+              ) -> hd.seg.SegmentDescription:
     spec = label_spec_for(card, finding)
     site = finding.site_code or spec.site
     return hd.seg.SegmentDescription(
@@ -104,7 +106,7 @@ def _describe(finding: Finding, number: int, card: ModelCard) -> hd.seg.SegmentD
         segmented_property_category=coded(spec.category),
         segmented_property_type=coded(finding.finding_code),
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=algorithm_identification(card),
+        algorithm_identification=algorithm_identification(card, second_stage),
         tracking_uid=finding.tracking_uid,
         tracking_id=f"{finding.label} {finding.label_index}" if finding.tracking_uid else None,
         anatomic_regions=[coded(site)] if site is not None else None,

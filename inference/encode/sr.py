@@ -44,7 +44,7 @@ from inference.encode.common import (
 )
 from inference.encode.seg import segment_numbers
 from inference.errors import EncodeError
-from inference.findings import Finding, InferenceResult
+from inference.findings import Algorithm, Finding, InferenceResult
 from inference.model_card import ModelCard
 
 CT_CHEST = hd.sr.CodedConcept("24627-2", "LN", "CT Chest")
@@ -60,11 +60,23 @@ def procedure_code(card: ModelCard, modality: str) -> hd.sr.CodedConcept:
     return CT_CHEST if card.postprocess == "nodules" else CT_UNSPECIFIED
 
 
-def algorithm_id(card: ModelCard) -> hd.sr.AlgorithmIdentification:
-    """TID 4019 Algorithm Identification with the weights hash as a parameter."""
-    return hd.sr.AlgorithmIdentification(
-        name=card.name, version=card.version, parameters=[f"weights sha256={card.weights_sha256}"]
-    )
+def algorithm_id(card: ModelCard, second_stage: Algorithm | None = None) -> hd.sr.AlgorithmIdentification:
+    """TID 4019 Algorithm Identification with the weights hash as a parameter; a second stage that ran after
+    the model is named in a further parameter (what both together did not find is reported absent)."""
+    parameters = [f"weights sha256={card.weights_sha256}"]
+    if second_stage is not None:
+        parameters.append(f"second stage {second_stage.name} {second_stage.version} "
+                          f"weights sha256={second_stage.weights_sha256}")
+    return hd.sr.AlgorithmIdentification(name=card.name, version=card.version, parameters=parameters)
+
+
+def finding_algorithm_id(finding: Finding, model: hd.sr.AlgorithmIdentification) -> hd.sr.AlgorithmIdentification:
+    """The algorithm that made `finding`: `model`, or the second stage that added it (`Finding.algorithm`)."""
+    a = finding.algorithm
+    if a is None:
+        return model
+    return hd.sr.AlgorithmIdentification(name=a.name, version=a.version,
+                                         parameters=[f"weights sha256={a.weights_sha256}"])
 
 
 def tracking_identifier(finding: Finding) -> hd.sr.TrackingIdentifier:
@@ -97,10 +109,11 @@ def encode_sr(
         if result.findings:
             numbers = segment_numbers(result) if seg is not None else {}
             groups = [
-                _finding_group(f, card, images, algo, seg, numbers.get(f.label_index)) for f in result.findings
+                _finding_group(f, card, images, finding_algorithm_id(f, algo), seg, numbers.get(f.label_index))
+                for f in result.findings
             ]
         else:
-            groups = [_no_finding_group(card, algo)]
+            groups = [_no_finding_group(card, algorithm_id(card, result.second_stage))]
         report = hd.sr.MeasurementReport(
             observation_context=_observation_context(card),
             procedure_reported=procedure_code(card, str(images[0].Modality)),

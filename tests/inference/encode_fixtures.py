@@ -7,12 +7,14 @@ full Patient / General Study / Frame of Reference / CT Image modules (PS3.3 A.3)
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from inference.findings import Code, Finding, InferenceResult
+from inference.findings import Algorithm, Code, Finding, InferenceResult
 from inference.model_card import ModelCard
 
 ROWS = COLS = 64
@@ -166,6 +168,18 @@ def nodule_result(sources: list[pydicom.Dataset], card: ModelCard) -> InferenceR
          (2, "Lung nodule", NODULE, LUNG, (5, 42, 40), 3.0, 0.74)],
         card,
     )
+
+
+SECOND_STAGE = Algorithm("test-candidates", "3", "cd" * 32)
+
+
+def two_stage_result(sources: list[pydicom.Dataset], card: ModelCard) -> InferenceResult:
+    """`nodule_result` with its second nodule added by a second stage (`SECOND_STAGE`)."""
+    result = nodule_result(sources, card)
+    first, second = result.findings
+    return dataclasses.replace(result, findings=[first, dataclasses.replace(second, algorithm=SECOND_STAGE)],
+                               model_version=f"{card.version}+{SECOND_STAGE.name}.{SECOND_STAGE.version}",
+                               second_stage=SECOND_STAGE)
 
 
 def vertebra_result(sources: list[pydicom.Dataset], card: ModelCard) -> InferenceResult:

@@ -16,19 +16,23 @@ from inference.validation import dciodvfy_available, validate_output
 
 try:
     from encode_fixtures import (
+        SECOND_STAGE,
         build_ct_series,
         empty_result,
         nodule_card,
         nodule_result,
+        two_stage_result,
         vertebra_card,
         vertebra_result,
     )
 except ImportError:  # tests/inference became a package
     from tests.inference.encode_fixtures import (
+        SECOND_STAGE,
         build_ct_series,
         empty_result,
         nodule_card,
         nodule_result,
+        two_stage_result,
         vertebra_card,
         vertebra_result,
     )
@@ -84,6 +88,16 @@ def test_segment_descriptions_carry_codes_algorithm_and_tracking(sources):
         assert [r.value for r in desc.anatomic_regions] == ["39607008"]
 
 
+def test_segments_name_the_second_stage_whose_findings_they_hold(sources):
+    card = nodule_card()
+    for result, named in ((two_stage_result(sources, card), True), (nodule_result(sources, card), False)):
+        back = _read_back(encode_seg(result, card, sources))
+        algo = back.get_segment_description(1).algorithm_identification[0]
+        assert (algo.AlgorithmName, algo.AlgorithmVersion) == (card.name, card.version)
+        assert (SECOND_STAGE.weights_sha256 in algo.AlgorithmParameters) is named
+        assert (f"{SECOND_STAGE.name} {SECOND_STAGE.version}" in algo.AlgorithmParameters) is named
+
+
 def test_vertebra_seg_has_one_segment_per_level(sources):
     card = vertebra_card()
     result = vertebra_result(sources, card)
@@ -116,8 +130,9 @@ def test_missing_source_instance_is_an_encode_error(sources):
 
 
 @pytest.mark.skipif(not dciodvfy_available(), reason="dciodvfy (dicom3tools) not installed")
-@pytest.mark.parametrize("kind", ["nodules", "vertebrae"])
+@pytest.mark.parametrize("kind", ["nodules", "two-stage", "vertebrae"])
 def test_seg_passes_dciodvfy_and_round_trip(sources, kind):
-    card = nodule_card() if kind == "nodules" else vertebra_card()
-    result = nodule_result(sources, card) if kind == "nodules" else vertebra_result(sources, card)
+    card = vertebra_card() if kind == "vertebrae" else nodule_card()
+    build = {"nodules": nodule_result, "two-stage": two_stage_result, "vertebrae": vertebra_result}[kind]
+    result = build(sources, card)
     assert validate_output(encode_seg(result, card, sources)).ok

@@ -15,21 +15,25 @@ from inference.validation import dciodvfy_available, validate_output
 
 try:
     from encode_fixtures import (
-        SHA,
+        SECOND_STAGE,
+    SHA,
         build_ct_series,
         empty_result,
         nodule_card,
         nodule_result,
+        two_stage_result,
         vertebra_card,
         vertebra_result,
     )
 except ImportError:  # tests/inference became a package
     from tests.inference.encode_fixtures import (
-        SHA,
+        SECOND_STAGE,
+    SHA,
         build_ct_series,
         empty_result,
         nodule_card,
         nodule_result,
+        two_stage_result,
         vertebra_card,
         vertebra_result,
     )
@@ -98,6 +102,40 @@ def test_sr_identifies_the_algorithm_and_the_images(sources):
     assert {i.ReferencedSOPInstanceUID for i in evidence} == {s.SOPInstanceUID for s in sources}
 
 
+def _texts(group) -> dict[str, list[str]]:
+    """Concept name meaning -> the TEXT values under one measurement group (recursively)."""
+    out: dict[str, list[str]] = {}
+    for e in group[0].iterall():   # highdicom's group is a one-item Sequence of its content item
+        if e.keyword == "ContentSequence":
+            for child in e.value:
+                if child.ValueType == "TEXT":
+                    out.setdefault(child.ConceptNameCodeSequence[0].CodeMeaning, []).append(child.TextValue)
+    return out
+
+
+def test_each_finding_names_the_stage_that_found_it(sources):
+    card = nodule_card()
+    result = two_stage_result(sources, card)
+    groups = _read_back(encode_sr(result, card, sources, seg=None)).content.get_volumetric_roi_measurement_groups()
+    first, second = (_texts(g) for g in groups)
+    assert first["Algorithm Name"] == [card.name] * 2       # the group and its probability measurement
+    assert second["Algorithm Name"] == [SECOND_STAGE.name] * 2
+    assert second["Algorithm Version"] == [SECOND_STAGE.version] * 2
+    assert f"weights sha256={SECOND_STAGE.weights_sha256}" in second["Algorithm Parameters"]
+    assert f"weights sha256={SHA}" not in second["Algorithm Parameters"]
+
+
+def test_no_finding_sr_names_the_second_stage_that_ran_too(sources):
+    import dataclasses
+
+    card = nodule_card()
+    result = dataclasses.replace(empty_result(sources, card), second_stage=SECOND_STAGE)
+    (group,) = _read_back(encode_sr(result, card, sources, seg=None)).content.get_image_measurement_groups()
+    params = _texts(group)["Algorithm Parameters"]
+    assert params == [f"weights sha256={SHA}", f"second stage {SECOND_STAGE.name} {SECOND_STAGE.version} "
+                                                f"weights sha256={SECOND_STAGE.weights_sha256}"]
+
+
 def test_sr_references_the_seg_segment_of_each_finding(sources):
     card = nodule_card()
     result = nodule_result(sources, card)
@@ -158,16 +196,18 @@ def test_superseding_sr_lists_predecessors(sources):
 
 
 @needs_dciodvfy
-@pytest.mark.parametrize("kind", ["nodules", "nodules+seg", "vertebrae", "empty", "superseding"])
+@pytest.mark.parametrize("kind", ["nodules", "nodules+seg", "two-stage+seg", "vertebrae", "empty", "superseding"])
 def test_sr_passes_dciodvfy_and_round_trip(sources, kind):
     card = vertebra_card() if kind == "vertebrae" else nodule_card()
     if kind == "vertebrae":
         result = vertebra_result(sources, card)
     elif kind == "empty":
         result = empty_result(sources, card)
+    elif kind.startswith("two-stage"):
+        result = two_stage_result(sources, card)
     else:
         result = nodule_result(sources, card)
-    seg = encode_seg(result, card, sources) if kind == "nodules+seg" else None
+    seg = encode_seg(result, card, sources) if kind.endswith("+seg") else None
     supersedes = [(sources[0].StudyInstanceUID, "1.2.3.4", "1.2.3.4.5")] if kind == "superseding" else ()
     report = validate_output(encode_sr(result, card, sources, seg=seg, supersedes=supersedes))
     assert report.ok and report.errors == []

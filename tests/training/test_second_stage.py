@@ -29,8 +29,9 @@ def second_stage(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "first_stage": str(models / "lung_nodule_ct"), "run_dir": str(root / "run"),
         "rounds": [{"seeds": [3000, 3003], "minutes": 0.05, "lr": 0.002, **small},
                    {"seeds": [3003, 3006], "minutes": 0.05, "lr": 0.001, "hard": True, **small}],
-        "calibration": {"dir": str(root / "data"), "section": "calibration", "n": 2, "seed": 6000, "rows": 128},
-        "test": [{"dir": str(root / "data"), "section": "test", "n": 2, "seed": 9000, "rows": 128}],
+        "calibration": {"dir": str(root / "data"), "section": "calibration", "n": 2, "seed": 6000, "rows": 128,
+                        "slices": 60},
+        "test": [{"dir": str(root / "data"), "section": "test", "n": 2, "seed": 9000, "rows": 128, "slices": 60}],
         "register_to": str(models), "batch_size": 64,
     }))
     out = run(load_config(config), config, log=lambda s: None)
@@ -64,6 +65,8 @@ def test_the_gateway_runs_the_second_stage_with_the_lung_model(second_stage: Pat
     assert lung.second_stage is not None and lung.second_stage.card.name == "lung_nodule_candidates_ct"
     result = lung.run(sorted((tmp_path / "ct").glob("*.dcm")))
     assert result.model_version == "1+lung_nodule_candidates_ct.1"
+    assert result.second_stage == lung.second_stage.algorithm       # named in the SR and SEG
+    assert all(f.algorithm in (None, result.second_stage) for f in result.findings)
     assert result.label_map.shape[0] == 60
     threshold = lung.second_stage.card.thresholds.probability
     assert lung.card.thresholds.probability == threshold, "the first stage runs at the combined threshold"
