@@ -121,11 +121,30 @@ def wall_candidates(iso: np.ndarray, mask: np.ndarray, plain: Candidates, near_m
     return found
 
 
+# Voxels around the lungs' box that the LoG and 3x3x3 maxima inside it read: the widest Gaussian's kernel radius
+# (scipy: int(truncate * sigma + 0.5)) plus one. Inside the box the responses equal those of the whole volume.
+LUNG_BOX_MARGIN = int(3.0 * max(SIGMAS_MM) / ISO_MM + 0.5) + 1
+
+
+def lung_box(mask: np.ndarray, margin: int = LUNG_BOX_MARGIN) -> tuple[slice, ...]:
+    """The bounding box of `mask` grown by `margin` voxels (clipped to the volume); the whole volume if empty."""
+    where = np.argwhere(mask)
+    if not len(where):
+        return tuple(slice(0, n) for n in mask.shape)
+    lo, hi = np.maximum(where.min(0) - margin, 0), np.minimum(where.max(0) + margin + 1, mask.shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+
+
 def chest_candidates(iso: np.ndarray) -> Candidates:
-    """Blob plus wall candidates of a 1 mm chest CT."""
+    """Blob plus wall candidates of a 1 mm chest CT, computed on the lungs' box only (the same candidates as on
+    the whole volume, in less time)."""
     mask = lung_mask(iso)
-    plain = blob_candidates(iso, mask)
-    return plain + wall_candidates(iso, mask, plain)
+    box = lung_box(mask)
+    sub, sub_mask = iso[box], mask[box]
+    plain = blob_candidates(sub, sub_mask)
+    found = plain + wall_candidates(sub, sub_mask, plain)
+    offset = np.asarray([b.start for b in box], dtype=found.index.dtype)
+    return Candidates(found.index + offset, found.response, found.sigma_mm)
 
 
 def to_u8(iso: np.ndarray) -> np.ndarray:

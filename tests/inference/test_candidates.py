@@ -38,15 +38,7 @@ def test_blob_candidates_find_a_nodule_against_a_vessel_inside_the_lung_only() -
 
 
 def test_wall_candidates_find_a_ground_glass_nodule_on_the_pleura_that_the_plain_blobs_miss() -> None:
-    vol = np.full((72, 100, 100), 40.0, dtype=np.float32)
-    vol[:, :4], vol[:, -4:], vol[:, :, :4], vol[:, :, -4:] = -1000.0, -1000.0, -1000.0, -1000.0
-    vol[6:66, 15:85, 15:85] = -850.0                      # the lung; its wall at x = 15
-    z, y, x = np.mgrid[: vol.shape[0], : vol.shape[1], : vol.shape[2]]
-    nodule = np.array([36.0, 50.0, 16.0])                 # a 3.4 mm ground-glass nodule sitting on the wall
-    ball = (z - nodule[0]) ** 2 + (y - nodule[1]) ** 2 + (x - nodule[2]) ** 2 <= 1.7 ** 2
-    vol[ball & (vol < -500)] = -600.0
-    vol = ndimage.gaussian_filter(vol, 0.8)               # partial volume, as thick slices give
-    vol += np.random.default_rng(0).normal(0.0, 15.0, vol.shape).astype(np.float32)
+    vol, nodule = _wall_phantom()
     mask = cand.lung_mask(vol)
     plain = cand.blob_candidates(vol, mask)
     assert np.linalg.norm(plain.index - nodule, axis=1).min() > 3.0, "the wall edge hides it from the plain LoG"
@@ -57,6 +49,43 @@ def test_wall_candidates_find_a_ground_glass_nodule_on_the_pleura_that_the_plain
     both = cand.chest_candidates(vol)
     assert len(both) == len(plain) + len(wall)
     assert np.all((both.diameter_mm > 3.0) & (both.diameter_mm < 10.0)), "diameters of the LoG scales (3.5-9.7 mm)"
+
+
+def _wall_phantom() -> tuple[np.ndarray, np.ndarray]:
+    """1 mm volume: a lung box whose wall is at x = 15, a 3.4 mm ground-glass nodule sitting on it."""
+    vol = np.full((72, 100, 100), 40.0, dtype=np.float32)
+    vol[:, :4], vol[:, -4:], vol[:, :, :4], vol[:, :, -4:] = -1000.0, -1000.0, -1000.0, -1000.0
+    vol[6:66, 15:85, 15:85] = -850.0
+    z, y, x = np.mgrid[: vol.shape[0], : vol.shape[1], : vol.shape[2]]
+    nodule = np.array([36.0, 50.0, 16.0])
+    ball = (z - nodule[0]) ** 2 + (y - nodule[1]) ** 2 + (x - nodule[2]) ** 2 <= 1.7 ** 2
+    vol[ball & (vol < -500)] = -600.0
+    vol = ndimage.gaussian_filter(vol, 0.8)               # partial volume, as thick slices give
+    vol += np.random.default_rng(0).normal(0.0, 15.0, vol.shape).astype(np.float32)
+    return vol, nodule
+
+
+def test_candidates_on_the_lung_box_equal_those_on_the_whole_volume() -> None:
+    vessel = _phantom()[0]
+    z, y, x = np.mgrid[: vessel.shape[0], : vessel.shape[1], : vessel.shape[2]]
+    vessel[(z - 30) ** 2 + (y - 60) ** 2 + (x - 17) ** 2 <= 2.5 ** 2] = 40.0   # a solid nodule on the wall, x = 15
+    for phantom in (vessel, _wall_phantom()[0]):
+        vol = np.pad(phantom, ((3, 30), (25, 4), (10, 40)), constant_values=40.0)   # more body, off-centre
+        mask = cand.lung_mask(vol)
+        box = cand.lung_box(mask)
+        assert all(b.stop - b.start < n for b, n in zip(box, vol.shape, strict=True)), "the box is smaller"
+        plain = cand.blob_candidates(vol, mask)
+        whole = plain + cand.wall_candidates(vol, mask, plain)
+        boxed = cand.chest_candidates(vol)
+        order = np.lexsort(whole.index.T[::-1]), np.lexsort(boxed.index.T[::-1])
+        np.testing.assert_array_equal(whole.index[order[0]], boxed.index[order[1]])
+        np.testing.assert_array_equal(whole.response[order[0]], boxed.response[order[1]])
+        np.testing.assert_array_equal(whole.sigma_mm[order[0]], boxed.sigma_mm[order[1]])
+        img = np.clip(vol, -1000.0, 100.0)   # every response the maxima inside the lungs read is the same
+        near = ndimage.binary_dilation(mask, np.ones((3, 3, 3), dtype=bool))
+        for full, part in zip(cand._log_response(img), cand._log_response(img[box]), strict=True):
+            np.testing.assert_array_equal(full[box][near[box]], part[near[box]])
+    assert cand.lung_box(np.zeros((8, 9, 10), dtype=bool)) == (slice(0, 8), slice(0, 9), slice(0, 10))
 
 
 def test_patches_are_centred_on_their_index_and_zero_outside_the_volume() -> None:
