@@ -1,12 +1,13 @@
 """DICOM Segmentation (PS3.3 A.51) of the findings, on the source grid, built with highdicom.
 
 One BINARY segment per finding present in the label map, numbered consecutively from 1 in order of
-`Finding.label_index`. Each segment carries the card label's property category/type codes, the finding
-site as anatomic region, algorithm type AUTOMATIC with the Algorithm Identification Sequence, and the
+`Finding.label_index` (`finding_segments`). Each segment carries the card label's property category/type codes,
+the finding site as anatomic region, algorithm type AUTOMATIC with the Algorithm Identification Sequence, and the
 finding's Tracking UID/ID (PS3.3 C.8.20.4), so the SR's measurement group and the segment share one
 tracking identity. For vertebrae (one finding per label) this is one segment per label present; for
-nodules it is one segment per nodule rather than one for all nodules, so that an SR ROI that references
-a segment references exactly that nodule.
+nodules, which share one label value, it is one segment per nodule (the label's connected components, each
+given to the nodule whose centre it holds) rather than one for all nodules, so that an SR ROI that references a
+segment references exactly that nodule.
 """
 
 from __future__ import annotations
@@ -17,11 +18,15 @@ from collections.abc import Sequence
 import highdicom as hd
 import numpy as np
 import pydicom
+from scipy import ndimage
 
 from inference.encode.common import (
     algorithm_identification,
+    centre_pixel,
     coded,
+    display_diameter_mm,
     label_spec_for,
+    nearest_source,
     new_instance,
     ordered_sources,
     series_description,
@@ -33,14 +38,84 @@ from inference.model_card import ModelCard
 log = logging.getLogger(__name__)
 
 
-def segment_numbers(result: InferenceResult) -> dict[int, int]:
-    """label_index -> SEG segment number (1..N) for the findings whose label value is in the label map.
+def _voxel(finding: Finding, images: Sequence[pydicom.Dataset], shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """The label-map voxel (slice, row, column) nearest the finding's centre."""
+    image = nearest_source(finding, images)
+    z = next(i for i, ds in enumerate(images) if ds is image)
+    col, row = centre_pixel(finding, image)
+    return z, int(np.clip(round(row), 0, shape[1] - 1)), int(np.clip(round(col), 0, shape[2] - 1))
 
-    `encode_sr` uses the same mapping to reference a finding's segment.
+
+def _component_of(components: np.ndarray, voxel: tuple[int, int, int], finding: Finding,
+                  spacing: np.ndarray) -> int:
+    """The component at the finding's centre voxel, else the one most of whose voxels lie within its radius."""
+    at = int(components[voxel])
+    if at:
+        return at
+    reach = np.maximum(1, np.ceil((display_diameter_mm(finding, 4.0) / 2.0) / spacing)).astype(int)
+    box = tuple(slice(max(0, c - r), c + r + 1) for c, r in zip(voxel, reach, strict=True))
+    values, counts = np.unique(components[box], return_counts=True)
+    counts, values = counts[values > 0], values[values > 0]
+    return int(values[np.argmax(counts)]) if len(values) else 0
+
+
+def _spacing(images: Sequence[pydicom.Dataset]) -> np.ndarray:
+    """(slice, row, column) spacing in mm of the ordered source grid."""
+    row, col = (float(v) for v in images[0].PixelSpacing)
+    if len(images) < 2:
+        return np.asarray([float(getattr(images[0], "SliceThickness", 1.0) or 1.0), row, col])
+    step = np.linalg.norm(np.subtract(images[1].ImagePositionPatient, images[0].ImagePositionPatient, dtype=float))
+    return np.asarray([step or 1.0, row, col])
+
+
+def finding_segments(result: InferenceResult, images: Sequence[pydicom.Dataset]) -> tuple[np.ndarray, list[Finding]]:
+    """The label map relabelled so that every finding whose voxels it holds has a segment of its own.
+
+    Returns the relabelled map (value k = segment k) and the findings of segments 1..N, in order of
+    `label_index`, then as listed. A label value held by one finding is that finding's; one shared by several
+    (every nodule has label_index 1) is split into its 26-connected components, each given to the finding whose
+    centre lies in it (or, when no centre voxel does, within its radius); a component holding several centres is
+    shared out by the nearest centre (in mm). Components of no finding are left out (logged by the caller).
     """
-    present = set(np.unique(result.label_map).tolist()) - {0}
-    indices = sorted({f.label_index for f in result.findings if f.label_index in present})
-    return {index: number for number, index in enumerate(indices, start=1)}
+    label_map = np.asarray(result.label_map)
+    present = set(np.unique(label_map).tolist()) - {0}
+    spacing = _spacing(images)
+    by_label: dict[int, list[Finding]] = {}
+    for f in result.findings:
+        if f.label_index in present:
+            by_label.setdefault(f.label_index, []).append(f)
+    owners: list[Finding] = []
+    relabelled = np.zeros(label_map.shape, dtype=np.uint16)
+    for index in sorted(by_label):
+        findings = by_label[index]
+        if len(findings) == 1:
+            owners.append(findings[0])
+            relabelled[label_map == index] = len(owners)
+            continue
+        components, _ = ndimage.label(label_map == index, structure=np.ones((3, 3, 3), dtype=bool))
+        voxels = [_voxel(f, images, label_map.shape) for f in findings]
+        held: dict[int, list[int]] = {}
+        for k, (f, v) in enumerate(zip(findings, voxels, strict=True)):
+            c = _component_of(components, v, f, spacing)
+            if c:
+                held.setdefault(c, []).append(k)
+        number_of: dict[int, int] = {}
+        for k in sorted(k for ks in held.values() for k in ks):
+            owners.append(findings[k])
+            number_of[k] = len(owners)
+        boxes = ndimage.find_objects(components)
+        for c, ks in held.items():
+            box = boxes[c - 1]
+            where = np.argwhere(components[box] == c) + np.asarray([b.start for b in box])
+            if len(ks) == 1:
+                relabelled[tuple(where.T)] = number_of[ks[0]]
+                continue
+            centres = np.asarray([voxels[k] for k in ks], dtype=float) * spacing
+            nearest = np.argmin((((where * spacing)[:, None, :] - centres[None]) ** 2).sum(-1), axis=1)
+            relabelled[tuple(where.T)] = np.asarray([number_of[k] for k in ks], dtype=np.uint16)[nearest]
+    if len(owners) <= np.iinfo(np.uint8).max:
+        relabelled = relabelled.astype(np.uint8)
+    return relabelled, owners
 
 
 def encode_seg(
@@ -66,20 +141,14 @@ def encode_seg(
     images = ordered_sources(result, sources)
     if label_map.shape[1:] != (int(images[0].Rows), int(images[0].Columns)):
         raise EncodeError(f"label map shape {label_map.shape} does not match the source image matrix")
-    numbers = segment_numbers(result)
-    if not numbers:
+    relabelled, owners = finding_segments(result, images)
+    if not owners:
         return None
-    findings = {f.label_index: f for f in result.findings}
-
-    relabelled = np.zeros(label_map.shape, dtype=np.uint16 if len(numbers) > 255 else np.uint8)
-    for index, number in numbers.items():
-        relabelled[label_map == index] = number
     dropped = int(np.count_nonzero(label_map) - np.count_nonzero(relabelled))
     if dropped:
         log.warning("seg: %d labelled voxels belong to no finding and are not encoded", dropped)
-
     added = result.second_stage if any(f.algorithm for f in result.findings) else None
-    descriptions = [_describe(findings[index], number, card, added) for index, number in numbers.items()]
+    descriptions = [_describe(f, number, card, added) for number, f in enumerate(owners, start=1)]
     try:
         seg = hd.seg.Segmentation(
             source_images=images,
@@ -102,7 +171,7 @@ def _describe(finding: Finding, number: int, card: ModelCard, second_stage: Algo
     site = finding.site_code or spec.site
     return hd.seg.SegmentDescription(
         segment_number=number,
-        segment_label=f"{finding.label} {finding.label_index}" if card.postprocess == "nodules" else finding.label,
+        segment_label=f"{finding.label} {number}" if card.postprocess == "nodules" else finding.label,
         segmented_property_category=coded(spec.category),
         segmented_property_type=coded(finding.finding_code),
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,

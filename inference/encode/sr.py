@@ -42,7 +42,6 @@ from inference.encode.common import (
     private_coding_schemes,
     series_description,
 )
-from inference.encode.seg import segment_numbers
 from inference.errors import EncodeError
 from inference.findings import Algorithm, Finding, InferenceResult
 from inference.model_card import ModelCard
@@ -107,9 +106,9 @@ def encode_sr(
     ]
     try:
         if result.findings:
-            numbers = segment_numbers(result) if seg is not None else {}
+            numbers = segment_of(seg) if seg is not None else {}
             groups = [
-                _finding_group(f, card, images, finding_algorithm_id(f, algo), seg, numbers.get(f.label_index))
+                _finding_group(f, card, images, finding_algorithm_id(f, algo), seg, numbers.get(f.tracking_uid))
                 for f in result.findings
             ]
         else:
@@ -134,6 +133,11 @@ def encode_sr(
     if supersedes:
         sr.PredecessorDocumentsSequence = predecessor_documents(supersedes)
     return sr
+
+
+def segment_of(seg: pydicom.Dataset) -> dict[str | None, int]:
+    """Tracking UID -> number of the SEG segment that holds that finding (`encode_seg` gives each its own)."""
+    return {str(d.TrackingUID): int(d.SegmentNumber) for d in seg.SegmentSequence if "TrackingUID" in d}
 
 
 def _library_images(result: InferenceResult, images: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:

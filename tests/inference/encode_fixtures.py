@@ -170,6 +170,17 @@ def nodule_result(sources: list[pydicom.Dataset], card: ModelCard) -> InferenceR
     )
 
 
+def shared_label_result(sources: list[pydicom.Dataset], card: ModelCard) -> InferenceResult:
+    """Three nodules with label_index 1, as the nodule postprocessing makes them: one apart, two touching."""
+    return _result(
+        sources,
+        [(1, "Lung nodule", NODULE, LUNG, (3, 20, 22), 4.0, 0.91),
+         (1, "Lung nodule", NODULE, LUNG, (5, 42, 40), 3.0, 0.74),
+         (1, "Lung nodule", NODULE, LUNG, (5, 42, 47), 3.0, 0.52)],
+        card,
+    )
+
+
 SECOND_STAGE = Algorithm("test-candidates", "3", "cd" * 32)
 
 

@@ -9,6 +9,7 @@ import highdicom as hd
 import numpy as np
 import pytest
 from pydicom.uid import SegmentationStorage
+from scipy.ndimage import label as ndimage_label
 
 from inference.encode import encode_seg
 from inference.errors import EncodeError
@@ -21,6 +22,7 @@ try:
         empty_result,
         nodule_card,
         nodule_result,
+        shared_label_result,
         two_stage_result,
         vertebra_card,
         vertebra_result,
@@ -32,6 +34,7 @@ except ImportError:  # tests/inference became a package
         empty_result,
         nodule_card,
         nodule_result,
+        shared_label_result,
         two_stage_result,
         vertebra_card,
         vertebra_result,
@@ -86,6 +89,27 @@ def test_segment_descriptions_carry_codes_algorithm_and_tracking(sources):
         assert algo.AlgorithmFamilyCodeSequence[0].CodeValue == "123110"  # DCM Artificial Intelligence
         assert desc.tracking_uid == finding.tracking_uid
         assert [r.value for r in desc.anatomic_regions] == ["39607008"]
+
+
+def test_nodules_sharing_a_label_get_a_segment_each(sources):
+    card = nodule_card()
+    result = shared_label_result(sources, card)
+    seg = encode_seg(result, card, sources)
+    back = _read_back(seg)
+    assert back.number_of_segments == 3
+    number = {back.get_segment_description(n).tracking_uid: n for n in (1, 2, 3)}
+    assert set(number) == {f.tracking_uid for f in result.findings}
+    assert [back.get_segment_description(n).segment_label for n in (1, 2, 3)] == [f"Lung nodule {n}" for n in (1, 2, 3)]
+    labels = _label_volume(back, result.source_sop_instance_uids)
+    np.testing.assert_array_equal(labels > 0, result.label_map > 0)   # every nodule voxel, in one segment
+    apart, left, right = result.findings
+    _, y, x = np.mgrid[: labels.shape[0], : labels.shape[1], : labels.shape[2]]
+    np.testing.assert_array_equal(labels == number[apart.tracking_uid], (result.label_map > 0) & (y < 30))
+    touching = (result.label_map > 0) & (y >= 30)
+    assert ndimage_label(touching)[1] == 1, "the two nodules' voxels touch"
+    # both centres on slice 5, row 42, columns 40 and 47: the nearer centre is the nearer column
+    np.testing.assert_array_equal(labels[touching & (x <= 43)], number[left.tracking_uid])
+    np.testing.assert_array_equal(labels[touching & (x >= 44)], number[right.tracking_uid])
 
 
 def test_segments_name_the_second_stage_whose_findings_they_hold(sources):

@@ -21,6 +21,7 @@ try:
         empty_result,
         nodule_card,
         nodule_result,
+        shared_label_result,
         two_stage_result,
         vertebra_card,
         vertebra_result,
@@ -33,6 +34,7 @@ except ImportError:  # tests/inference became a package
         empty_result,
         nodule_card,
         nodule_result,
+        shared_label_result,
         two_stage_result,
         vertebra_card,
         vertebra_result,
@@ -136,9 +138,10 @@ def test_no_finding_sr_names_the_second_stage_that_ran_too(sources):
                                                 f"weights sha256={SECOND_STAGE.weights_sha256}"]
 
 
-def test_sr_references_the_seg_segment_of_each_finding(sources):
+@pytest.mark.parametrize("build", [nodule_result, shared_label_result])
+def test_sr_references_the_seg_segment_of_each_finding(sources, build):
     card = nodule_card()
-    result = nodule_result(sources, card)
+    result = build(sources, card)
     seg = encode_seg(result, card, sources)
     sr = encode_sr(result, card, sources, seg=seg)
     groups = _read_back(sr).content.get_volumetric_roi_measurement_groups()
