@@ -122,27 +122,45 @@ def _augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-def _autocast() -> Any:
-    """bfloat16 autocast where the CPU has native bfloat16 (AVX512-BF16 / AMX); emulated it is ~50x slower."""
+def training_device() -> torch.device:
+    """CUDA when a GPU is present (bfloat16 autocast there), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _autocast(device: torch.device = torch.device("cpu")) -> Any:
+    """bfloat16 autocast on CUDA, and on a CPU with native bfloat16 (AVX512-BF16 / AMX); emulated it is ~50x
+    slower, so other CPUs run float32."""
     from contextlib import nullcontext
 
     from training.train import cpu_has_bf16
 
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", dtype=torch.bfloat16) if cpu_has_bf16() else nullcontext()
 
 
-def _tensor(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(x.astype(np.float32) / 255.0)[:, None].contiguous(memory_format=torch.channels_last_3d)
+def precision(device: torch.device) -> str:
+    """What `_autocast` runs on `device`, for the model card."""
+    from training.train import cpu_has_bf16
+
+    return "bfloat16 autocast" if device.type == "cuda" or cpu_has_bf16() else "float32"
+
+
+def _tensor(x: np.ndarray, device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    t = torch.from_numpy(x.astype(np.float32) / 255.0)[:, None].to(device)
+    return t.contiguous(memory_format=torch.channels_last_3d)
 
 
 def score(net: nn.Module, x: np.ndarray, batch: int = 256) -> np.ndarray:
-    """Classifier probabilities of stored patches (centre crop)."""
+    """Classifier probabilities of stored patches (centre crop), on the device the network is on."""
     net.eval()
+    device = next(net.parameters(), torch.zeros(0)).device   # a network without weights: the CPU
     out = []
     c = (x.shape[1] - PATCH_MM) // 2
-    with torch.no_grad(), _autocast():
+    with torch.no_grad(), _autocast(device):
         for i in range(0, len(x), batch):
-            out.append(torch.sigmoid(net(_tensor(_crop(x[i:i + batch], (c, c, c)))).reshape(-1).float()).numpy())
+            logit = net(_tensor(_crop(x[i:i + batch], (c, c, c)), device)).reshape(-1).float()
+            out.append(torch.sigmoid(logit).cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 
@@ -172,7 +190,8 @@ def write_patches(out: Path, seeds: Sequence[int], hard: Path | None = None, wor
 
 def train_classifier(patch_dirs: list[Path], out: Path, minutes: float, lr: float = 2e-3, seed: int = 0,
                      init: Path | None = None, log: Callable[[str], None] = print) -> dict[str, float]:
-    """Train `CandidateNet` for `minutes` (cosine lr over that time; 16 positives + 48 negatives a batch).
+    """Train `CandidateNet` for `minutes` (cosine lr over that time; 16 positives + 48 negatives a batch), on the
+    GPU when there is one (`training_device`; the checkpoint loads on the CPU either way).
 
     The first 4 files (by name) of the first folder and the first 2 of each further one are validation; `init`
     starts from a trained classifier. Returns the last validation figures."""
@@ -193,7 +212,9 @@ def train_classifier(patch_dirs: list[Path], out: Path, minutes: float, lr: floa
     xv, yv = load(val_files)
     pos, neg = np.nonzero(y == 1)[0], np.nonzero(y == 0)[0]
     log(f"train positives {len(pos)} negatives {len(neg)}; validation {int(yv.sum())} / {int((1 - yv).sum())}")
+    device = training_device()
     net = CandidateNet().to(memory_format=torch.channels_last_3d) if init is None else load_classifier(init)
+    net = net.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     loss_fn = nn.BCEWithLogitsLoss()
     t0, total, step, figures = time.time(), minutes * 60.0, 0, {}
@@ -202,9 +223,9 @@ def train_classifier(patch_dirs: list[Path], out: Path, minutes: float, lr: floa
         for g in opt.param_groups:
             g["lr"] = lr * 0.5 * (1 + np.cos(np.pi * min(1.0, (time.time() - t0) / total)))
         bi = np.concatenate([rng.choice(pos, 16), rng.choice(neg, 48)])
-        with _autocast():
-            logit = net(_tensor(_augment(x[bi], rng))).reshape(-1)
-        loss = loss_fn(logit.float(), torch.from_numpy(y[bi].astype(np.float32)))
+        with _autocast(device):
+            logit = net(_tensor(_augment(x[bi], rng), device)).reshape(-1)
+        loss = loss_fn(logit.float(), torch.from_numpy(y[bi].astype(np.float32)).to(device))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -217,4 +238,4 @@ def train_classifier(patch_dirs: list[Path], out: Path, minutes: float, lr: floa
             log(json.dumps(figures))
             torch.save(net.state_dict(), out)
     torch.save(net.state_dict(), out)
-    return {**figures, "steps": step}
+    return {**figures, "steps": step, "device": device.type}

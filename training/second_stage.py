@@ -31,7 +31,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from inference.candidates import PATCH_MM
 from inference.model_card import ModelCard
-from training.candidate_classifier import load_classifier, train_classifier, write_patches
+from training.candidate_classifier import (
+    load_classifier,
+    precision,
+    train_classifier,
+    training_device,
+    write_patches,
+)
 
 Prediction = tuple[tuple[float, float, float], float]
 
@@ -237,9 +243,8 @@ def run(cfg: SecondStageConfig, config_path: Path, log: Any = print) -> dict[str
     from training.datasets import generate_dataset
     from training.export import export_onnx
     from training.register import register_model
-    from training.train import cpu_has_bf16
-
     torch.manual_seed(cfg.seed)
+    device = training_device()
     first = load_model(cfg.first_stage)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -301,7 +306,7 @@ def run(cfg: SecondStageConfig, config_path: Path, log: Any = print) -> dict[str
         "first_stage": {"name": first.name, "version": first.version, "weights_sha256": first.card.weights_sha256},
         "command": f"dxgate train lung-nodule-candidates --config {config_path}",
         "train_seconds": round(train_seconds), "timings_s": {k: round(v) for k, v in timings.items()},
-        "device": "cpu", "precision": "bfloat16 autocast" if cpu_has_bf16() else "float32",
+        "device": device.type, "precision": precision(device),
     }
     fields["metrics"] = metrics
     if cfg.register_to is None:
