@@ -121,9 +121,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from inference.errors import InferenceError
     from training.evaluate import evaluate_command
+    from training.loaders.luna16 import LoaderError
 
-    metrics = evaluate_command(args.model, args.dataset, args.out)
+    try:
+        metrics = evaluate_command(args.model, args.dataset, args.out, first_stage_only=args.first_stage_only)
+    except (LoaderError, InferenceError) as exc:
+        print(f"dxgate evaluate: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(metrics, indent=2, default=str))
     return 0
 
@@ -195,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("model", type=Path)
     sp.add_argument("dataset", type=Path)
     sp.add_argument("--out", type=Path, default=None)
+    sp.add_argument("--first-stage-only", action="store_true",
+                    help="without the second stage installed beside the model (the gateway runs both)")
     sp.set_defaults(func=cmd_evaluate)
 
     sp = sub.add_parser("bench", help="run a benchmark (inference, ingest, e2e)")

@@ -176,22 +176,39 @@ def write_report(report: dict[str, Any], out_dir: Path, froc: FrocResult | None 
     return report
 
 
+def second_stage_of(name: str, models_dir: Path) -> Any:
+    """The model folder under `models_dir` whose card names `name` as its first stage (what the gateway attaches
+    to that model, `dicom_gateway.server.attach_second_stages`), or None."""
+    from inference.model_repo import discover_models
+
+    found = [m for m in discover_models(models_dir).values()
+             if m.card.first_stage is not None and m.card.first_stage.model == name]
+    return found[0] if found else None
+
+
 def evaluate_command(model: str | Path, dataset: Path, out_dir: Path | None = None, *, split: str | None = None,
                      models_dir: Path = Path("models"), backend: str = "onnxruntime",
-                     backend_options: Mapping[str, Any] | None = None) -> dict:
+                     backend_options: Mapping[str, Any] | None = None, first_stage_only: bool = False) -> dict:
     """Run `model` (a folder, or a name under models_dir) on every case of the dataset split and score it.
 
-    A case whose inference fails is recorded under "failed" and scored as having no findings (so the
-    figures are never flattered by skipping it). Returns the metrics dict also written to metrics.json.
+    As the gateway serves it: with the second stage installed beside it (a card in the same models folder naming
+    it as `first_stage`), unless `first_stage_only`. A case whose inference fails is recorded under "failed" and
+    scored as having no findings (so the figures are never flattered by skipping it). Returns the metrics dict
+    also written to metrics.json.
     """
     from inference.backends.factory import make_backend
     from inference.errors import InferenceError
     from inference.model_repo import load_model
     from inference.pipeline import ModelRunner
+    from inference.second_stage import SecondStage
 
     folder = Path(model) if Path(model).is_dir() else Path(models_dir) / str(model)
     registered = load_model(folder)
     card = registered.card
+    if card.first_stage is not None:
+        raise LoaderError(f"{card.name} is the second stage of {card.first_stage.model}: evaluate "
+                          f"{card.first_stage.model}, which runs it")
+    second = None if first_stage_only else second_stage_of(card.name, folder.parent)
     datalist = resolve_dataset(Path(dataset))
     split_name, entries = pick_split(datalist, split)
     if not entries:
@@ -201,8 +218,10 @@ def evaluate_command(model: str | Path, dataset: Path, out_dir: Path | None = No
     failed: list[dict[str, str]] = []
     seconds: list[float] = []
     be = make_backend(registered, backend, **dict(backend_options or {}))
+    second_be = make_backend(second, backend, **dict(backend_options or {})) if second is not None else None
     try:
-        runner = ModelRunner(registered, be)
+        runner = ModelRunner(registered, be, second_stage=None if second is None else
+                             SecondStage(card=second.card, backend=second_be))
         for i, entry in enumerate(entries):
             case_id = str(entry.get("seriesuid") or entry.get("subject") or entry.get("id") or i)
             start = time.perf_counter()
@@ -216,14 +235,20 @@ def evaluate_command(model: str | Path, dataset: Path, out_dir: Path | None = No
             seconds.append(time.perf_counter() - start)
     finally:
         be.close()
+        if second_be is not None:
+            second_be.close()
     report: dict[str, Any] = {
         "model": {"name": card.name, "version": card.version, "weights_sha256": card.weights_sha256,
-                  "task": card.task, "backend": backend},
+                  "task": card.task, "backend": backend,
+                  "second_stage": None if second is None else {
+                      "name": second.card.name, "version": second.card.version,
+                      "weights_sha256": second.card.weights_sha256,
+                      "probability": second.card.thresholds.probability}},
         "dataset": {"datalist": str(datalist), "sha256": sha256_file(datalist), "split": split_name,
                     "n_cases": len(entries)},
         "failed": failed,
         "seconds_per_case": {"mean": sum(seconds) / len(seconds), "max": max(seconds)},
-        "command": f"dxgate evaluate {model} {dataset}",
+        "command": f"dxgate evaluate {model} {dataset}" + (" --first-stage-only" if first_stage_only else ""),
     }
     if card.postprocess == "nodules":
         metrics, froc = score_nodules(findings, entries)

@@ -133,3 +133,69 @@ def test_evaluate_command_end_to_end(tmp_path):
     assert m["cpm"] == pytest.approx(0.5)
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["model"]["name"] == "threshold_nodule"
     assert (tmp_path / "out" / "froc.png").is_file()
+
+
+def _brightness_second_stage(folder, first: str, gain: float) -> None:
+    """A registered second stage of `first` whose classifier's logit is `gain` x the patch's mean intensity (in
+    [0, 1]): a lung patch (about 0.1) scores sigmoid(0.1 gain), every patch differently (LUNA16 keeps only the
+    100 most probable marks of a scan, strictly above the 101st, so tied scores would all be dropped)."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    from inference.model_repo import sha256_file
+
+    (folder / "1").mkdir(parents=True)
+    dims = ["B", 1, "Z", "Y", "X"]
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["image"], ["m"], axes=[2, 3, 4], keepdims=1),
+         helper.make_node("Mul", ["m", "k"], ["logits"])],
+        "brightness", [helper.make_tensor_value_info("image", TensorProto.FLOAT, dims)],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", 1, 1, 1, 1])],
+        [helper.make_tensor("k", TensorProto.FLOAT, [], [gain])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(folder / "1" / "model.onnx"))
+    first_card = json.loads((folder.parent / first / "metadata.json").read_text())
+    card = {
+        "name": folder.name, "version": "1", "task": "lung-nodule-candidate-classification",
+        "description": "test: scores by brightness", "modality": ["CT"], "body_part": ["CHEST"],
+        "postprocess": "candidates",
+        "input": {"name": "image", "spacing_mm": [1.0, 1.0, 1.0], "window": [-1000.0, 400.0],
+                  "roi_size": [24, 24, 24], "overlap": 0.0, "batch_size": 64},
+        "output": {"name": "logits", "activation": "sigmoid", "channels": 1},
+        "labels": first_card["labels"], "thresholds": {"probability": 0.5}, "series": first_card["series"],
+        "first_stage": {"model": first, "probability": first_card["thresholds"]["probability"]},
+        "weights_sha256": sha256_file(folder / "1" / "model.onnx"),
+    }
+    (folder / "metadata.json").write_text(json.dumps(card))
+    (folder / "config.pbtxt").write_text(
+        f'name: "{folder.name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 0\n'
+        'input [ { name: "image" data_type: TYPE_FP32 dims: [ -1, 1, -1, -1, -1 ] } ]\n'
+        'output [ { name: "logits" data_type: TYPE_FP32 dims: [ -1, 1, -1, -1, -1 ] } ]\n')
+
+
+def test_evaluate_runs_the_lung_model_with_its_second_stage_as_the_gateway_does(tmp_path):
+    """The second stage installed beside the model is run (and named in the report) unless first_stage_only."""
+    import shutil
+    from pathlib import Path
+
+    from training.evaluate import evaluate_command
+    from training.loaders import write_datalist
+    from training.synthetic import write_chest_ct_study
+
+    models = tmp_path / "models"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "models" / "lung_nodule_ct", models / "lung_nodule_ct")
+    _brightness_second_stage(models / "every_blob", "lung_nodule_ct", 10.0)   # p >= 0.5 for every patch
+    study = write_chest_ct_study(tmp_path / "data" / "ct", seed=11, slices=60, nodules=2, rows=128)
+    nodules = [[*n.centre_mm, n.diameter_mm] for n in study.volume.nodules]
+    datalist = write_datalist([{"id": "ct", "image": "ct", "nodules": nodules}], tmp_path / "data" / "datalist.json",
+                              "e2e", splits={"test": ["ct"]})
+    both = evaluate_command("lung_nodule_ct", datalist, tmp_path / "both", models_dir=models)
+    alone = evaluate_command("lung_nodule_ct", datalist, tmp_path / "alone", models_dir=models, first_stage_only=True)
+    assert both["failed"] == [] and alone["failed"] == []
+    assert both["model"]["second_stage"]["name"] == "every_blob" and alone["model"]["second_stage"] is None
+    assert alone["command"].endswith("--first-stage-only")
+    assert both["metrics"]["false_positives"] > alone["metrics"]["false_positives"] + 10, "every blob was added"
+    assert both["metrics"]["true_positives"] >= alone["metrics"]["true_positives"]
+    with pytest.raises(LoaderError, match="evaluate lung_nodule_ct"):
+        evaluate_command("every_blob", datalist, tmp_path / "x", models_dir=models)
