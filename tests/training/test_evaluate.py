@@ -70,6 +70,15 @@ def test_dataset_and_series_resolution(tmp_path):
         series_files(tmp_path / "missing")
 
 
+def _write_folder(folder, card: dict) -> None:
+    """metadata.json and a Triton config.pbtxt beside the folder's 1/model.onnx."""
+    (folder / "metadata.json").write_text(json.dumps(card))
+    (folder / "config.pbtxt").write_text(
+        f'name: "{folder.name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 0\n'
+        'input [ { name: "image" data_type: TYPE_FP32 dims: [ -1, 1, -1, -1, -1 ] } ]\n'
+        'output [ { name: "logits" data_type: TYPE_FP32 dims: [ -1, 1, -1, -1, -1 ] } ]\n')
+
+
 def _threshold_model(folder):
     """A registered nodule model whose ONNX graph is logits = 40 * (image - 0.45): bright spheres light up."""
     onnx = pytest.importorskip("onnx")
@@ -103,11 +112,7 @@ def _threshold_model(folder):
         "series": {"modalities": ["CT"], "min_slices": 2},
         "weights_sha256": sha256_file(folder / "1" / "model.onnx"),
     }
-    (folder / "metadata.json").write_text(json.dumps(card))
-    (folder / "config.pbtxt").write_text(
-        f'name: "{folder.name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 0\n'
-        'input [ { name: "image" data_type: TYPE_FP32 dims: [ -1, 1, -1, -1, -1 ] } ]\n'
-        'output [ { name: "logits" data_type: TYPE_FP32 dims: [ -1, 1, -1, -1, -1 ] } ]\n')
+    _write_folder(folder, card)
 
 
 def test_evaluate_command_end_to_end(tmp_path):
@@ -167,11 +172,7 @@ def _brightness_second_stage(folder, first: str, gain: float) -> None:
         "first_stage": {"model": first, "probability": first_card["thresholds"]["probability"]},
         "weights_sha256": sha256_file(folder / "1" / "model.onnx"),
     }
-    (folder / "metadata.json").write_text(json.dumps(card))
-    (folder / "config.pbtxt").write_text(
-        f'name: "{folder.name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 0\n'
-        'input [ { name: "image" data_type: TYPE_FP32 dims: [ -1, 1, -1, -1, -1 ] } ]\n'
-        'output [ { name: "logits" data_type: TYPE_FP32 dims: [ -1, 1, -1, -1, -1 ] } ]\n')
+    _write_folder(folder, card)
 
 
 def test_evaluate_runs_the_lung_model_with_its_second_stage_as_the_gateway_does(tmp_path):
