@@ -50,6 +50,12 @@ def _stage(name: str, seconds: dict[str, float]) -> Iterator[None]:
         seconds[name] = time.perf_counter() - start
 
 
+def _refuse_second_stage(card: ModelCard) -> None:
+    if card.postprocess == "candidates":
+        raise PostprocessError(f"{card.name} is a second stage of {card.first_stage.model}; "  # type: ignore[union-attr]
+                               "route studies to that model")
+
+
 class ModelRunner:
     """Runs one registered model on one series with a warm backend (the backend is owned by the caller)."""
 
@@ -74,14 +80,20 @@ class ModelRunner:
     def run(self, paths: Sequence[Path], progress: Callable[[str], None] | None = None) -> InferenceResult:
         """Load, preprocess, infer and postprocess one series; `stage_seconds` has one entry per stage."""
         card = self.card
-        if card.postprocess == "candidates":
-            raise PostprocessError(f"{card.name} is a second stage of {card.first_stage.model}; "  # type: ignore[union-attr]
-                                   "route studies to that model")
+        _refuse_second_stage(card)
         seconds: dict[str, float] = {}
         with _stage("load", seconds):
             volume = load_series(paths, expected_modality=card.modality)
         if progress:
             progress("load")
+        return self.run_volume(volume, progress, seconds)
+
+    def run_volume(self, volume: Volume, progress: Callable[[str], None] | None = None,
+                   seconds: dict[str, float] | None = None) -> InferenceResult:
+        """`run` on a volume already loaded (e.g. a generated NIfTI case, `training.datasets.entry_volume`)."""
+        card = self.card
+        _refuse_second_stage(card)
+        seconds = {} if seconds is None else seconds
         with _stage("preprocess", seconds):
             image, info = self.preprocessor(volume, card)
         if progress:

@@ -45,18 +45,6 @@ class _TorchBackend:
         return None
 
 
-def _volume(entry: dict[str, Any]) -> Any:
-    """The held-out case as the gateway's `inference.volume.Volume` (axial, identity direction)."""
-    import nibabel as nib
-
-    from inference.volume import Volume
-
-    hu = np.asarray(nib.load(entry["image"]).dataobj, dtype=np.float32)
-    return Volume(voxels=hu, spacing=tuple(entry["spacing"]), origin=np.asarray(entry["origin"], dtype=float),
-                  direction=np.eye(3), sop_instance_uids=[f"2.25.{i + 1}" for i in range(hu.shape[0])],
-                  modality="CT", frame_of_reference_uid="2.25.1")
-
-
 CANDIDATE_FLOOR = 0.05  # FROC candidates: components of the probability map above this
 OPERATING_FLOOR = 0.5   # the card's threshold is chosen at or above this
 
@@ -100,8 +88,9 @@ def _infer_case(entry: dict[str, Any], card: Any, backend: Any) -> tuple[Any, np
     """One case through the gateway's preprocess and sliding window: (volume, image, info, logits)."""
     from inference.model_pass import model_logits
     from inference.preprocess import preprocess
+    from training.datasets import entry_volume
 
-    volume = _volume(entry)
+    volume = entry_volume(entry)
     image, info = preprocess(volume, card)
     logits = model_logits(image, backend, card)
     return volume, image, info, logits

@@ -165,6 +165,17 @@ def generate_dataset(
     return [resolve(e, out_dir) for e in datalist[section]]
 
 
+def entry_volume(entry: dict[str, Any]) -> Any:
+    """A generated case (NIfTI image + the entry's spacing and origin) as the gateway's `inference.volume.Volume`
+    (axial, identity direction; stand-in SOP Instance UIDs)."""
+    from inference.volume import Volume
+
+    hu = np.asarray(nib.load(entry["image"]).dataobj, dtype=np.float32)
+    return Volume(voxels=hu, spacing=tuple(entry["spacing"]), origin=np.asarray(entry["origin"], dtype=float),
+                  direction=np.eye(3), sop_instance_uids=[f"2.25.{i + 1}" for i in range(hu.shape[0])],
+                  modality="CT", frame_of_reference_uid="2.25.1")
+
+
 def resolve(entry: dict[str, Any], base: Path) -> dict[str, Any]:
     """Datalist entry with image/label made absolute against `base`."""
     return {**entry, "image": str(base / entry["image"]), "label": str(base / entry["label"])}

@@ -1,7 +1,8 @@
 """`dxgate evaluate MODEL DATASET`: run a registered model over a datalist and score it like the benchmarks.
 
 The datalist (MONAI Decathlon JSON, see `training.loaders.datalist`) lists DICOM series: each entry's
-"image" is a folder of .dcm files (or one file). Ground truth per entry, in patient LPS mm:
+"image" is a folder of .dcm files (or one file); or it is a generated one (`training.datasets`: NIfTI volumes
+with their spacing and origin in the entry). Ground truth per entry, in patient LPS mm:
 
 - nodule models: "nodules": [[x, y, z, diameter_mm], ...] (or [{"centre_mm": [..], "diameter_mm": d}]),
   optional "excluded" (irrelevant findings, same form) -> LUNA16 FROC / CPM (`training.metrics.froc`);
@@ -21,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from training.datasets import entry_volume
 from training.loaders.datalist import SPLITS, read_datalist, sha256_file
 from training.loaders.luna16 import LoaderError
 from training.loaders.verse import VERTEBRA_NAMES
@@ -120,6 +122,12 @@ def series_files(image: str | Path) -> list[Path]:
     if not files:
         raise LoaderError(f"{p}: no DICOM files")
     return files
+
+
+def is_generated(entry: Mapping[str, Any]) -> bool:
+    """A case of `dxgate`'s own generator: a NIfTI volume plus its spacing and origin in the entry."""
+    image = str(entry.get("image", ""))
+    return image.endswith((".nii", ".nii.gz")) and "spacing" in entry and "origin" in entry
 
 
 def resolve_dataset(dataset: Path) -> Path:
@@ -226,7 +234,8 @@ def evaluate_command(model: str | Path, dataset: Path, out_dir: Path | None = No
             case_id = str(entry.get("seriesuid") or entry.get("subject") or entry.get("id") or i)
             start = time.perf_counter()
             try:
-                result = runner.run(series_files(entry["image"]))
+                result = (runner.run_volume(entry_volume(entry)) if is_generated(entry)
+                          else runner.run(series_files(entry["image"])))
                 findings.append(list(result.findings))
             except (InferenceError, LoaderError) as exc:
                 log.warning("evaluate: case %s failed at %s: %s", case_id, getattr(exc, "stage", "load"), exc)

@@ -200,3 +200,17 @@ def test_evaluate_runs_the_lung_model_with_its_second_stage_as_the_gateway_does(
     assert both["metrics"]["true_positives"] >= alone["metrics"]["true_positives"]
     with pytest.raises(LoaderError, match="evaluate lung_nodule_ct"):
         evaluate_command("every_blob", datalist, tmp_path / "x", models_dir=models)
+
+
+def test_evaluate_reads_a_generated_manifest(tmp_path):
+    """`dxgate evaluate` on what `training.datasets.generate_dataset` writes (NIfTI + spacing/origin entries)."""
+    from training.datasets import DATALIST, generate_dataset
+    from training.evaluate import evaluate_command
+
+    _threshold_model(tmp_path / "models" / "threshold_nodule")
+    entries = generate_dataset("lung-nodule", tmp_path / "gen", "test", 2, 9000, rows=96, slices=40, progress=False)
+    report = evaluate_command("threshold_nodule", tmp_path / "gen" / DATALIST, tmp_path / "out",
+                              models_dir=tmp_path / "models")
+    assert report["failed"] == [] and report["dataset"]["n_cases"] == 2
+    assert report["metrics"]["n_nodules"] == sum(len(e["nodules"]) for e in entries) > 0
+    assert report["metrics"]["true_positives"] + report["metrics"]["false_positives"] > 0, "findings were scored"

@@ -172,14 +172,14 @@ def test_training_transforms_equal_the_gateway_preprocess(tmp_path: Path, spacin
     """MONAI Spacingd + ScaleIntensityRanged give the input inference.preprocess gives (same grid)."""
     from inference.model_card import ModelCard
     from inference.preprocess import preprocess
-    from training.cli import _volume
+    from training.datasets import entry_volume
     from training.register import card_fields_for
 
     entry = generate_dataset("lung-nodule", tmp_path, "test", 1, seed=3, phantom=True, progress=False)[0]
     fields = card_fields_for("lung-nodule")
     fields["input"] = {**fields["input"], "spacing_mm": spacing}
     card = ModelCard.model_validate({**fields, "version": "1", "weights_sha256": "0" * 64})
-    served, _ = preprocess(_volume(entry), card)
+    served, _ = preprocess(entry_volume(entry), card)
     trained = val_transforms("lung-nodule", spacing, card.input.window)(entry)["image"][0].numpy()
     common = tuple(slice(0, min(a, b)) for a, b in zip(served.shape, trained.shape, strict=True))
     assert all(abs(a - b) <= 1 for a, b in zip(served.shape, trained.shape, strict=True))  # edge rounding only
