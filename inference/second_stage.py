@@ -97,20 +97,32 @@ def _paint_sphere(label_map: np.ndarray, volume: Volume, source_index: np.ndarra
     box[inside & (box == 0)] = value
 
 
+def kept_candidates(centres_mm: np.ndarray, probability: np.ndarray, threshold: float,
+                    taken: list[tuple[np.ndarray, float]]) -> list[int]:
+    """Indices of the candidates at or above `threshold`, most probable first, that lie neither within any
+    (centre, radius) of `taken` (the first stage's findings) nor within `SUPPRESS_MM` of a more probable kept one."""
+    keep = np.flatnonzero(probability >= threshold)
+    keep = keep[np.argsort(-probability[keep], kind="stable")]
+    taken = list(taken)
+    out: list[int] = []
+    for k in keep:
+        p = np.asarray(centres_mm[k], dtype=float)
+        if any(np.linalg.norm(p - c) < r for c, r in taken):
+            continue
+        taken.append((p, SUPPRESS_MM))
+        out.append(int(k))
+    return out
+
+
 def add_candidate_findings(scored: ScoredCandidates, volume: Volume, card: ModelCard, first: list[Finding],
                            label_map: np.ndarray) -> list[Finding]:
     """Findings for the candidates at or above `card.thresholds.probability`, most probable first, that lie
     neither within a first-stage finding's radius + `SUPPRESS_MM` nor within `SUPPRESS_MM` of a more probable
-    kept candidate. Their spheres are painted into `label_map` (only where it is 0)."""
-    keep = np.flatnonzero(scored.probability >= card.thresholds.probability)
-    keep = keep[np.argsort(-scored.probability[keep], kind="stable")]
-    mm = volume.index_to_patient(scored.source_index[keep]) if len(keep) else np.zeros((0, 3))
+    kept candidate (`kept_candidates`). Their spheres are painted into `label_map` (only where it is 0)."""
+    mm = volume.index_to_patient(scored.source_index) if len(scored.probability) else np.zeros((0, 3))
     taken = [(np.asarray(f.centre_mm), (f.diameter_mm or 0.0) / 2.0 + SUPPRESS_MM) for f in first]
     out: list[Finding] = []
-    for k, p in zip(keep, mm, strict=True):
-        if any(np.linalg.norm(p - c) < r for c, r in taken):
-            continue
-        taken.append((p, SUPPRESS_MM))
+    for k in kept_candidates(mm, scored.probability, card.thresholds.probability, taken):
         out.append(_finding(volume, card, scored.source_index[k], float(scored.probability[k]),
                             float(scored.diameter_mm[k])))
         _paint_sphere(label_map, volume, scored.source_index[k], float(scored.diameter_mm[k]), card.labels[0].index)

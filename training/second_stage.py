@@ -178,24 +178,18 @@ def choose_threshold(rows: list[dict[str, Any]], entries: list[dict[str, Any]], 
     return {**threshold_at(froc, fp_per_scan, floor), "calibration_scans": len(entries), "calibration_cpm": froc.cpm}
 
 
-def served_findings(row: dict[str, Any], entry: dict[str, Any], threshold: float) -> list[Prediction]:
+def served_findings(row: dict[str, Any], threshold: float) -> list[Prediction]:
     """What the gateway reports for a scored case at `threshold`: first-stage components above it (model grid)
-    plus blobs above it outside their radius + 4 mm and 4 mm apart (`inference.second_stage`)."""
-    from inference.second_stage import SUPPRESS_MM
+    plus the blobs `inference.second_stage.kept_candidates` keeps beside them."""
+    from inference.second_stage import SUPPRESS_MM, kept_candidates
 
     first = [(np.asarray(c), p) for c, p in row["components"] if p > threshold]
     taken = [(c, SUPPRESS_MM + 2.0) for c, _ in first]   # components have no diameter here: 2 mm radius assumed
     out: list[Prediction] = [(tuple(float(v) for v in c), p) for c, p in first]
-    order = sorted(range(len(row["blobs"])), key=lambda i: -row["blobs"][i][1])
-    for i in order:
-        c, p = row["blobs"][i]
-        if p < threshold:
-            break
-        c = np.asarray(c)
-        if any(np.linalg.norm(c - t) < r for t, r in taken):
-            continue
-        taken.append((c, SUPPRESS_MM))
-        out.append((tuple(float(v) for v in c), p))
+    if row["blobs"]:
+        mm = np.asarray([c for c, _ in row["blobs"]], dtype=float)
+        prob = np.asarray([p for _, p in row["blobs"]], dtype=float)
+        out += [(tuple(float(v) for v in mm[k]), float(prob[k])) for k in kept_candidates(mm, prob, threshold, taken)]
     return out
 
 
@@ -208,7 +202,7 @@ def figures(rows: list[dict[str, Any]], entries: list[dict[str, Any]], threshold
     truths = _truths(entries)
     both = froc_cpm(_union(rows), truths)
     alone = froc_cpm([[(tuple(c), p) for c, p in r["components"]] for r in rows], truths)
-    served = [served_findings(r, e, threshold) for r, e in zip(rows, entries, strict=True)]
+    served = [served_findings(r, threshold) for r in rows]
     at = froc_cpm(served, truths)
     if plot is not None:
         plot_froc(both, plot, title=title)
