@@ -243,6 +243,7 @@ def run(cfg: SecondStageConfig, config_path: Path, log: Any = print) -> dict[str
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     timings: dict[str, float] = {}
+    steps: list[int] = []          # a round trains for minutes, so its steps depend on the machine: recorded
     dirs: list[Path] = []
     previous: Path | None = None
     for k, rnd in enumerate(cfg.rounds, start=1):
@@ -258,7 +259,9 @@ def run(cfg: SecondStageConfig, config_path: Path, log: Any = print) -> dict[str
             res = train_classifier(list(dirs), ckpt, rnd.minutes, lr=rnd.lr, seed=cfg.seed,
                                    init=previous if rnd.hard else None, log=log)
             done.write_text(json.dumps({**res, "train_seconds": time.time() - t}))
-        timings[f"train_{k}_s"] = json.loads(done.read_text())["train_seconds"]
+        result = json.loads(done.read_text())
+        timings[f"train_{k}_s"] = result["train_seconds"]
+        steps.append(int(result["steps"]))
         previous = ckpt
     assert previous is not None
     net = load_classifier(previous).eval()
@@ -300,6 +303,7 @@ def run(cfg: SecondStageConfig, config_path: Path, log: Any = print) -> dict[str
         "first_stage": {"name": first.name, "version": first.version, "weights_sha256": first.card.weights_sha256},
         "command": f"dxgate train lung-nodule-candidates --config {config_path}",
         "train_seconds": round(train_seconds), "timings_s": {k: round(v) for k, v in timings.items()},
+        "steps_per_round": steps,
         "device": device.type, "precision": precision(device),
     }
     fields["metrics"] = metrics

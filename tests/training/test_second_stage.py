@@ -52,6 +52,8 @@ def test_the_command_registers_a_second_stage_naming_its_first(second_stage: Pat
     assert card.training["command"].startswith("dxgate train lung-nodule-candidates --config ")
     assert card.training["onnx_parity_max_abs_diff"] <= 1e-4
     assert card.training["rounds"][1]["hard"] is True
+    steps = card.training["steps_per_round"]          # rounds train for minutes: the card says how many steps
+    assert len(steps) == 2 and all(s >= 1 for s in steps)
 
 
 def test_the_gateway_runs_the_second_stage_with_the_lung_model(second_stage: Path, tmp_path: Path) -> None:
