@@ -38,6 +38,7 @@ from training.candidate_classifier import (
     training_device,
     write_patches,
 )
+from training.run_timings import PhaseTimes, machine
 
 Prediction = tuple[tuple[float, float, float], float]
 
@@ -54,6 +55,7 @@ class Round(_Strict):
     rows: int = 512                 # generated CT size (smaller only for tests)
     slices: int | None = None
     n_neg: int = 700
+    nodules: int = Field(default=8, ge=1)   # nodules generated per CT
 
 
 class Split(_Strict):
@@ -241,31 +243,27 @@ def run(cfg: SecondStageConfig, config_path: Path, log: Any = print) -> dict[str
     device = training_device()
     first = load_model(cfg.first_stage)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    timings: dict[str, float] = {}
+    timings = PhaseTimes(cfg.run_dir / "timings.json")
     steps: list[int] = []          # a round trains for minutes, so its steps depend on the machine: recorded
     dirs: list[Path] = []
     previous: Path | None = None
     for k, rnd in enumerate(cfg.rounds, start=1):
         pdir, ckpt = cfg.run_dir / f"patches_{k}", cfg.run_dir / f"classifier_{k}.pt"
-        t = time.time()
-        write_patches(pdir, range(*rnd.seeds), hard=previous if rnd.hard else None, workers=cfg.workers, log=log,
-                      rows=rnd.rows, slices=rnd.slices, n_neg=rnd.n_neg)
-        timings[f"patches_{k}_s"] = time.time() - t
+        with timings.phase(f"patches_{k}_s"):
+            write_patches(pdir, range(*rnd.seeds), hard=previous if rnd.hard else None, workers=cfg.workers,
+                          log=log, rows=rnd.rows, slices=rnd.slices, n_neg=rnd.n_neg, nodules=rnd.nodules)
         dirs.append(pdir)
         done = ckpt.with_suffix(".json")
         if not done.exists():
-            t = time.time()
-            res = train_classifier(list(dirs), ckpt, rnd.minutes, lr=rnd.lr, seed=cfg.seed,
-                                   init=previous if rnd.hard else None, log=log)
-            done.write_text(json.dumps({**res, "train_seconds": time.time() - t}))
-        result = json.loads(done.read_text())
-        timings[f"train_{k}_s"] = result["train_seconds"]
-        steps.append(int(result["steps"]))
+            with timings.phase(f"train_{k}_s"):
+                res = train_classifier(list(dirs), ckpt, rnd.minutes, lr=rnd.lr, seed=cfg.seed,
+                                       init=previous if rnd.hard else None, log=log)
+            done.write_text(json.dumps(res))
+        steps.append(int(json.loads(done.read_text())["steps"]))
         previous = ckpt
     assert previous is not None
     net = load_classifier(previous).eval()
-    train_seconds = time.time() - t0
+    train_seconds = sum(v for k, v in timings.items() if k.startswith(("patches_", "train_")))
     onnx = cfg.run_dir / "classifier.onnx"
     export_onnx(net.to(memory_format=torch.contiguous_format), torch.zeros(1, 1, PATCH_MM, PATCH_MM, PATCH_MM), onnx)
     scoring_card = _classifier_card_for_scoring(cfg, first.card)
@@ -274,17 +272,19 @@ def run(cfg: SecondStageConfig, config_path: Path, log: Any = print) -> dict[str
         return generate_dataset("lung-nodule", s.dir, s.section, s.n, s.seed, rows=s.rows, slices=s.slices,
                                 progress=False)
 
-    cal = split(cfg.calibration)
-    cal_rows = scored_split(cal, cfg.run_dir / "scores" / "calibration", cfg.first_stage, onnx, scoring_card,
-                            cfg.workers, log)
+    with timings.phase("calibration_s"):
+        cal = split(cfg.calibration)
+        cal_rows = scored_split(cal, cfg.run_dir / "scores" / "calibration", cfg.first_stage, onnx, scoring_card,
+                                cfg.workers, log)
     op = choose_threshold(cal_rows, cal, cfg.operating_fp_per_scan, cfg.threshold_floor)
     log(f"operating point: {json.dumps(op)}")
     figures_dir = Path(tempfile.mkdtemp(prefix="dxgate-figures-"))
     metrics: dict[str, Any] = {"operating_point": op, "heldout": []}
     for i, s in enumerate(cfg.test):
-        entries = split(s)
-        rows = scored_split(entries, cfg.run_dir / "scores" / f"{s.section}_{s.seed}", cfg.first_stage, onnx,
-                            scoring_card, cfg.workers, log)
+        with timings.phase(f"heldout_{s.seed}_s"):
+            entries = split(s)
+            rows = scored_split(entries, cfg.run_dir / "scores" / f"{s.section}_{s.seed}", cfg.first_stage, onnx,
+                                scoring_card, cfg.workers, log)
         plot = figures_dir / ("froc.png" if i == 0 else f"froc_{s.seed}.png")
         res = figures(rows, entries, op["probability"], plot, f"{cfg.name} with {first.name}: held-out FROC")
         res["figure"] = plot.name
@@ -296,15 +296,16 @@ def run(cfg: SecondStageConfig, config_path: Path, log: Any = print) -> dict[str
                          "FROC (training.metrics.froc); one threshold for both, chosen on the calibration scans")
     fields = card_fields(cfg, first.card, op["probability"], op["probability"])
     fields["training"] = {
-        "data": "synthetic", "generator": "training.synthetic.chest_ct (8 nodules per CT)",
+        "data": "synthetic", "generator": "training.synthetic.chest_ct",
+        "nodules_per_ct": [r.nodules for r in cfg.rounds],
         "rounds": [r.model_dump() for r in cfg.rounds],
         "calibration_seeds": [cfg.calibration.seed, cfg.calibration.seed + cfg.calibration.n - 1],
         "network": "training.candidate_classifier.CandidateNet (0.18 M parameters)",
         "first_stage": {"name": first.name, "version": first.version, "weights_sha256": first.card.weights_sha256},
         "command": f"dxgate train lung-nodule-candidates --config {config_path}",
         "train_seconds": round(train_seconds), "timings_s": {k: round(v) for k, v in timings.items()},
-        "steps_per_round": steps,
-        "device": device.type, "precision": precision(device),
+        "command_seconds": round(timings.total()), "steps_per_round": steps,
+        "device": device.type, "precision": precision(device), "measured_on": machine(),
     }
     fields["metrics"] = metrics
     if cfg.register_to is None:

@@ -54,6 +54,25 @@ def test_the_command_registers_a_second_stage_naming_its_first(second_stage: Pat
     assert card.training["rounds"][1]["hard"] is True
     steps = card.training["steps_per_round"]          # rounds train for minutes: the card says how many steps
     assert len(steps) == 2 and all(s >= 1 for s in steps)
+    phases = card.training["timings_s"]                # every phase's time, kept across resumed invocations
+    assert set(phases) == {"patches_1_s", "train_1_s", "patches_2_s", "train_2_s", "calibration_s", "heldout_9000_s"}
+    assert card.training["command_seconds"] == pytest.approx(sum(phases.values()), abs=len(phases))
+    assert card.training["nodules_per_ct"] == [8, 8] and card.training["measured_on"]["cores"] >= 1
+
+
+def test_phase_times_survive_a_resumed_invocation(tmp_path: Path) -> None:
+    from training.run_timings import PhaseTimes
+
+    first = PhaseTimes(tmp_path / "timings.json")
+    with first.phase("patches_1_s"):
+        pass
+    with pytest.raises(KeyboardInterrupt), first.phase("train_1_s"):
+        raise KeyboardInterrupt                        # interrupted part-way: adds nothing
+    again = PhaseTimes(tmp_path / "timings.json")
+    assert set(dict(again.items())) == {"patches_1_s"}
+    with again.phase("patches_1_s"):                   # a resumed phase adds to what the first invocation took
+        pass
+    assert again.total() >= first.total() and set(dict(again.items())) == {"patches_1_s"}
 
 
 def test_the_gateway_runs_the_second_stage_with_the_lung_model(second_stage: Path, tmp_path: Path) -> None:
