@@ -67,12 +67,13 @@ def dcmtk_version() -> str | None:
 
 def machine_info() -> dict[str, Any]:
     """CPU model, cores, RAM, GPUs and the versions of everything that shapes the numbers."""
-    cpu = re.search(r"^model name\s*:\s*(.+)$", _read("/proc/cpuinfo"), re.M)
+    from training.run_timings import cpu_model
+
     mem = re.search(r"^MemTotal:\s*(\d+) kB", _read("/proc/meminfo"), re.M)
     return {
         "hostname": socket.gethostname(),
         "platform": platform.platform(),
-        "cpu_model": cpu.group(1).strip() if cpu else platform.processor() or "unknown",
+        "cpu_model": cpu_model(),
         "cpu_cores": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "ram_gib": round(int(mem.group(1)) / 2**20, 1) if mem else None,

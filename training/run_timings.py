@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import ItemsView, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,21 +34,25 @@ class PhaseTimes:
         tmp.write_text(json.dumps(self._seconds, indent=1))
         tmp.replace(self.path)
 
-    def items(self) -> Any:
+    def items(self) -> ItemsView[str, float]:
         return self._seconds.items()
 
     def total(self) -> float:
         return float(sum(self._seconds.values()))
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo; else the platform's processor, else "unknown")."""
+    try:
+        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(errors="replace"), re.M)
+    except OSError:
+        found = None
+    return found.group(1).strip() if found else platform.processor() or "unknown"
+
+
 def machine() -> dict[str, Any]:
     """CPU model, cores, torch threads and GPU of this machine (what the phase times depend on)."""
     import torch
 
-    try:
-        cpu = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-    except OSError:
-        cpu = None
-    return {"cpu": cpu.group(1).strip() if cpu else "unknown", "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
