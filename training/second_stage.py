@@ -39,6 +39,7 @@ from training.candidate_classifier import (
     write_patches,
 )
 from training.run_timings import PhaseTimes, machine
+from training.synthetic.chest_ct import JUXTAPLEURAL_FRACTION
 
 Prediction = tuple[tuple[float, float, float], float]
 
@@ -56,6 +57,7 @@ class Round(_Strict):
     slices: int | None = None
     n_neg: int = 700
     nodules: int = Field(default=8, ge=1)   # nodules generated per CT
+    juxtapleural_fraction: float = Field(default=JUXTAPLEURAL_FRACTION, ge=0.0, le=1.0)  # of them on the pleura
 
 
 class Split(_Strict):
@@ -251,7 +253,8 @@ def run(cfg: SecondStageConfig, config_path: Path, log: Any = print) -> dict[str
         pdir, ckpt = cfg.run_dir / f"patches_{k}", cfg.run_dir / f"classifier_{k}.pt"
         with timings.phase(f"patches_{k}_s"):
             write_patches(pdir, range(*rnd.seeds), hard=previous if rnd.hard else None, workers=cfg.workers,
-                          log=log, rows=rnd.rows, slices=rnd.slices, n_neg=rnd.n_neg, nodules=rnd.nodules)
+                          log=log, rows=rnd.rows, slices=rnd.slices, n_neg=rnd.n_neg, nodules=rnd.nodules,
+                          juxtapleural_fraction=rnd.juxtapleural_fraction)
         dirs.append(pdir)
         done = ckpt.with_suffix(".json")
         if not done.exists():

@@ -27,7 +27,7 @@ def test_training_patches_label_candidates_by_nodule() -> None:
 
 
 def test_classifier_scores_every_patch_as_a_probability() -> None:
-    net = cc.CandidateNet().to(memory_format=torch.channels_last_3d)
+    net = cc.CandidateNet()
     p = cc.score(net, np.random.default_rng(0).integers(0, 255, (5, cc.STORED, cc.STORED, cc.STORED),
                                                              dtype=np.uint8))
     assert p.shape == (5,) and np.all((p >= 0) & (p <= 1))

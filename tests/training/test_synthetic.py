@@ -119,6 +119,14 @@ def test_juxtapleural_nodules_touch_the_wall() -> None:
         assert wall.sum() >= 3, f"juxtapleural nodule {n} has no chest wall next to it"
 
 
+def test_juxtapleural_fraction_sets_the_share_and_the_default_keeps_each_seed() -> None:
+    kw = {"slices": 60, "nodules": 4, "rows": 64, "spacing": (1.25, 5.0, 5.0)}
+    assert all(n.juxtapleural for n in generate_chest_ct(5, juxtapleural_fraction=1.0, **kw).nodules)
+    assert not any(n.juxtapleural for n in generate_chest_ct(5, juxtapleural_fraction=0.0, **kw).nodules)
+    default, explicit = generate_chest_ct(5, **kw), generate_chest_ct(5, juxtapleural_fraction=0.3, **kw)
+    assert default.nodules == explicit.nodules and np.array_equal(default.hu, explicit.hu)
+
+
 def test_spine_levels_labels_and_centroids(spine) -> None:  # noqa: ANN001
     order = [idx for _, idx in LEVELS]
     got = [v.index for v in spine.vertebrae]

@@ -28,6 +28,7 @@ from training.synthetic.spine_ct import render_disc, render_ribs, render_vertebr
 __all__ = ["NODULE_KINDS", "Nodule", "generate_chest_ct", "paint_nodule", "sample_diameter_mm"]
 
 NODULE_KINDS = ("solid", "part-solid", "ground-glass")
+JUXTAPLEURAL_FRACTION = 0.3   # of the nodules, by default (the held-out sets' mix)
 
 
 @dataclass(frozen=True)
@@ -144,9 +145,11 @@ def sample_diameter_mm(rng: np.random.Generator) -> float:
 
 
 def _place_nodules(
-    rng: np.random.Generator, ch: _Chest, count: int, z_lo: float, z_hi: float, grid: Grid
+    rng: np.random.Generator, ch: _Chest, count: int, z_lo: float, z_hi: float, grid: Grid,
+    juxtapleural_fraction: float = JUXTAPLEURAL_FRACTION,
 ) -> list[Nodule]:
-    """Seeded nodule centres: inside a lung, within [z_lo, z_hi] and the in-plane FOV, not overlapping."""
+    """Seeded nodule centres: inside a lung, within [z_lo, z_hi] and the in-plane FOV, not overlapping; each
+    juxtapleural (touching the pleura) with probability `juxtapleural_fraction`."""
     dirs = rng.standard_normal((40, 3))
     dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
     xy_lo = np.array(grid.origin[:2]) + 5.0
@@ -156,7 +159,7 @@ def _place_nodules(
         for _attempt in range(300):
             d = float(np.clip(sample_diameter_mm(rng), 3.0, min(30.0, (z_hi - z_lo) - 2.0)))
             r = d / 2
-            jp = bool(rng.uniform() < 0.3)
+            jp = bool(rng.uniform() < juxtapleural_fraction)
             kind = str(rng.choice(NODULE_KINDS, p=[0.6, 0.2, 0.2]))
             c = np.array([rng.uniform(-ch.A, ch.A), rng.uniform(-ch.B, ch.B), rng.uniform(z_lo + r, z_hi - r)])
             if not ch.lung(c[0], c[1], c[2]):
@@ -223,12 +226,14 @@ def generate_chest_ct(
     nodules: int | None = None,
     rows: int = 512,
     spacing: tuple[float, float, float] | None = None,
+    juxtapleural_fraction: float = JUXTAPLEURAL_FRACTION,
 ) -> SyntheticVolume:
     """Synthetic chest CT: `rows` x `rows` axial slices, seeded anatomy, spacing and nodules.
 
     spacing None -> seeded (slice 0.625-2.5 mm, in-plane 0.62-0.82 mm at 512 rows, scaled so the FOV
     stays ~320-420 mm); slices None -> cover the lungs (~250-350 mm); nodules None -> 0-4 (seeded).
     With fewer slices the FOV is a seeded window through the lungs and every nodule lies inside it.
+    `juxtapleural_fraction` of the nodules touch the pleura (the default keeps every seed's CT as it was).
     """
     rng = np.random.default_rng([seed, 1])
     dz, sy, sx = _default_spacing(rng, rows) if spacing is None else (float(v) for v in spacing)
@@ -298,7 +303,7 @@ def generate_chest_ct(
 
     label_map = np.zeros(grid.shape, dtype=np.uint8)
     z_lo, z_hi = float(grid.origin[2]) + 2.0, float(grid.origin[2]) + extent - 2.0
-    found = _place_nodules(rng, ch, count, z_lo, z_hi, grid)
+    found = _place_nodules(rng, ch, count, z_lo, z_hi, grid, juxtapleural_fraction)
     for n in found:
         paint_nodule(vol, label_map, grid, n, rng)
     hu = noisy_int16(vol, rng, sigma=float(rng.uniform(15.0, 25.0)))
