@@ -43,7 +43,6 @@ def training_patches(seed: int, nodules: int = 8, n_neg: int = 700, rows: int = 
     """Labelled patches (`STORED` mm) of one generated chest CT: (patches, labels 1/0, candidate count).
 
     With a classifier `hard`, `n_hard` of the `n_neg` negatives are those it scores highest (hard negatives)."""
-
     rng = np.random.default_rng(seed)
     sv = generate_chest_ct(seed, nodules=nodules, rows=rows, slices=slices, juxtapleural_fraction=juxtapleural_fraction)
     iso = to_iso(sv.hu, tuple(sv.spacing))

@@ -268,7 +268,7 @@ def run(cfg: SecondStageConfig, config_path: Path, log: Any = print) -> dict[str
     net = load_classifier(previous).eval()
     train_seconds = sum(v for k, v in timings.items() if k.startswith(("patches_", "train_")))
     onnx = cfg.run_dir / "classifier.onnx"
-    export_onnx(net.to(memory_format=torch.contiguous_format), torch.zeros(1, 1, PATCH_MM, PATCH_MM, PATCH_MM), onnx)
+    export_onnx(net, torch.zeros(1, 1, PATCH_MM, PATCH_MM, PATCH_MM), onnx)
     scoring_card = _classifier_card_for_scoring(cfg, first.card)
 
     def split(s: Split) -> list[dict[str, Any]]:

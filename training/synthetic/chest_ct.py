@@ -146,7 +146,7 @@ def sample_diameter_mm(rng: np.random.Generator) -> float:
 
 def _place_nodules(
     rng: np.random.Generator, ch: _Chest, count: int, z_lo: float, z_hi: float, grid: Grid,
-    juxtapleural_fraction: float = JUXTAPLEURAL_FRACTION,
+    juxtapleural_fraction: float,
 ) -> list[Nodule]:
     """Seeded nodule centres: inside a lung, within [z_lo, z_hi] and the in-plane FOV, not overlapping; each
     juxtapleural (touching the pleura) with probability `juxtapleural_fraction`."""
