@@ -3,7 +3,9 @@
 Training data are the candidates of generated chest CTs that no evaluation uses (8 nodules each): candidates
 within a nodule's radius (nodules <= 12 mm; larger ones are the first stage's) and jittered nodule centres are
 positive, `n_neg` other candidates per CT negative. A second round draws most negatives from the candidates a
-first classifier scores highest (hard negatives) and fine-tunes it.
+first classifier scores highest (hard negatives) and fine-tunes it. A round may also paint fresh synthetic nodules
+into some of each batch's negatives (`paint_nodules`), which then count as positives: a few hundred generated
+nodules are otherwise all the positives there are.
 """
 
 from __future__ import annotations
@@ -20,11 +22,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from inference.candidates import PATCH_MM, chest_candidates, patches, to_iso, to_u8
+from inference.candidates import ISO_MM, PATCH_MM, WINDOW, chest_candidates, patches, to_iso, to_u8
+from training.nodule_insertion import RandInsertNoduled
 from training.synthetic.chest_ct import JUXTAPLEURAL_FRACTION, generate_chest_ct
 
 STORED = 32                    # stored patch edge: the network sees a 24 mm crop of it, jittered +-2 mm
 MAX_DIAMETER_MM = 12.0         # larger nodules are the first stage's (it finds every 10-30 mm one)
+PAINTED_MAX_MM = 10.0          # painted nodules: 3-10 mm, where the pair's misses are
+PAINTED_KINDS = (0.4, 0.3, 0.3)  # solid, part-solid, ground glass: ground glass more often than generated
 
 
 def _to_mm(idx: np.ndarray, origin: Sequence[float]) -> np.ndarray:
@@ -123,6 +128,32 @@ def _augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
+def nodule_painter(seed: int) -> RandInsertNoduled:
+    """Paints one fresh synthetic nodule (`training.nodule_insertion`: 3-10 mm, more ground glass than the
+    generator draws, 30 % on the pleura, half of the rest abutting a vessel) within 2 mm of a patch's centre."""
+    painter = RandInsertNoduled(("image", "label"), WINDOW, (ISO_MM,) * 3, prob=1.0, max_diameter_mm=MAX_DIAMETER_MM,
+                                small_fraction=1.0, small_max_mm=PAINTED_MAX_MM, juxtapleural_fraction=0.3,
+                                kind_weights=PAINTED_KINDS, vessel_fraction=0.5, centre_within_mm=2.0)
+    painter.set_random_state(seed)
+    return painter
+
+
+def paint_nodules(x: np.ndarray, y: np.ndarray, painter: RandInsertNoduled, want: int) -> int:
+    """Paint a nodule into negatives of the batch `x` (uint8 [N, s, s, s], labels `y`), trying at most 2 * `want`
+    of them (a patch centred in a vessel or the wall has no lung for one), until `want` took; those become
+    positives. Returns how many did."""
+    done = 0
+    for j in np.flatnonzero(y == 0)[:2 * want]:
+        if done == want:
+            break
+        out = painter({"image": x[j][None].astype(np.float32) / 255.0, "label": np.zeros((1, *x[j].shape), np.uint8)})
+        if out["label"].any():
+            x[j] = np.round(out["image"][0] * 255.0).astype(np.uint8)
+            y[j] = 1
+            done += 1
+    return done
+
+
 def training_device() -> torch.device:
     """CUDA when a GPU is present (bfloat16 autocast there), else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -196,9 +227,11 @@ def write_patches(out: Path, seeds: Sequence[int], hard: Path | None = None, wor
 
 
 def train_classifier(patch_dirs: list[Path], out: Path, minutes: float, lr: float = 2e-3, seed: int = 0,
-                     init: Path | None = None, log: Callable[[str], None] = print) -> dict[str, float]:
-    """Train `CandidateNet` for `minutes` (cosine lr over that time; 16 positives + 48 negatives a batch), on the
-    GPU when there is one (`training_device`; the checkpoint loads on the CPU either way).
+                     init: Path | None = None, painted: int = 0, log: Callable[[str], None] = print
+                     ) -> dict[str, float]:
+    """Train `CandidateNet` for `minutes` (cosine lr over that time; 16 positives + 48 negatives a batch, up to
+    `painted` of those negatives made positives by `paint_nodules`), on the GPU when there is one
+    (`training_device`; the checkpoint loads on the CPU either way).
 
     The first 4 files (by name) of the first folder and the first 2 of each further one are validation; `init`
     starts from a trained classifier. Returns the last validation figures."""
@@ -224,15 +257,19 @@ def train_classifier(patch_dirs: list[Path], out: Path, minutes: float, lr: floa
     net = net.to(device, memory_format=memory_format(device))
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     loss_fn = nn.BCEWithLogitsLoss()
-    t0, total, step, figures = time.time(), minutes * 60.0, 0, {}
+    painter = nodule_painter(seed) if painted else None
+    t0, total, step, figures, n_painted = time.time(), minutes * 60.0, 0, {}, 0
     while time.time() - t0 < total:
         net.train()
         for g in opt.param_groups:
             g["lr"] = lr * 0.5 * (1 + np.cos(np.pi * min(1.0, (time.time() - t0) / total)))
         bi = np.concatenate([rng.choice(pos, 16), rng.choice(neg, 48)])
+        xb, yb = _augment(x[bi], rng), y[bi].copy()
+        if painter is not None:
+            n_painted += paint_nodules(xb, yb, painter, painted)
         with _autocast(device):
-            logit = net(_tensor(_augment(x[bi], rng), device)).reshape(-1)
-        loss = loss_fn(logit.float(), torch.from_numpy(y[bi].astype(np.float32)).to(device))
+            logit = net(_tensor(xb, device)).reshape(-1)
+        loss = loss_fn(logit.float(), torch.from_numpy(yb.astype(np.float32)).to(device))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -245,4 +282,4 @@ def train_classifier(patch_dirs: list[Path], out: Path, minutes: float, lr: floa
             log(json.dumps(figures))
             torch.save(net.state_dict(), out)
     torch.save(net.state_dict(), out)
-    return {**figures, "steps": step, "device": device.type}
+    return {**figures, "steps": step, "painted": n_painted, "device": device.type}

@@ -59,13 +59,15 @@ class RandInsertNoduled(Randomizable, MapTransform):
     `juxtapleural_fraction` of the nodules centred 0.5-1 radius inside the lung's edge (at least 30 % of
     the probes in lung), as the generator's juxtapleural nodules are; `vessel_fraction` of the others
     centred 0.6 radius to radius + 1 mm from dense tissue (> -400 HU: a vessel, an airway wall, the
-    pleura), so they abut it, as the small nodules a 1.5 mm model misses do.
+    pleura), so they abut it, as the small nodules a 1.5 mm model misses do. With `centre_within_mm`, centres lie
+    within that distance of the patch's centre voxel (a classifier patch: the nodule is what the patch is about).
     """
 
     def __init__(self, keys: KeysCollection, window: Sequence[float], spacing_mm: Sequence[float],
                  prob: float = 0.5, max_diameter_mm: float = 30.0, small_fraction: float = 0.0,
                  small_max_mm: float = 8.0, juxtapleural_fraction: float = 0.0,
-                 kind_weights: Sequence[float] = KIND_WEIGHTS, vessel_fraction: float = 0.0) -> None:
+                 kind_weights: Sequence[float] = KIND_WEIGHTS, vessel_fraction: float = 0.0,
+                 centre_within_mm: float | None = None) -> None:
         MapTransform.__init__(self, keys)
         self.low, self.high = float(window[0]), float(window[1])
         self.spacing = tuple(float(s) for s in spacing_mm)
@@ -75,6 +77,7 @@ class RandInsertNoduled(Randomizable, MapTransform):
         self.small_max_mm = float(small_max_mm)
         self.juxtapleural_fraction = float(juxtapleural_fraction)
         self.vessel_fraction = float(vessel_fraction)
+        self.centre_within_mm = None if centre_within_mm is None else float(centre_within_mm)
         w = np.asarray(kind_weights, dtype=float)
         if w.shape != (len(NODULE_KINDS),) or (w < 0).any() or w.sum() <= 0:
             raise ValueError(f"kind_weights needs {len(NODULE_KINDS)} non-negative weights, got {kind_weights}")
@@ -106,8 +109,19 @@ class RandInsertNoduled(Randomizable, MapTransform):
             return float(self.R.uniform(3.0, self.small_max_mm))
         return sample_diameter_mm(self.R)
 
+    def _centre_region(self, shape: tuple[int, ...]) -> np.ndarray | bool:
+        """Where a centre may lie: everywhere, or within `centre_within_mm` of the patch's centre voxel (index
+        size // 2, as `inference.candidates.patches` centres its cubes)."""
+        if self.centre_within_mm is None:
+            return True
+        sp = np.asarray(self.spacing)
+        grid = np.indices(shape, dtype=np.float32)
+        d2 = sum(((g - n // 2) * s) ** 2 for g, n, s in zip(grid, shape, sp, strict=True))
+        return d2 <= self.centre_within_mm ** 2
+
     def _insert(self, hu: np.ndarray, label: np.ndarray, lung: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-        candidates = np.argwhere(lung)
+        allowed = lung & self._centre_region(hu.shape)
+        candidates = np.argwhere(allowed)
         if len(candidates) == 0:
             return None
         sp = np.asarray(self.spacing)
@@ -120,9 +134,9 @@ class RandInsertNoduled(Randomizable, MapTransform):
         for _ in range(20):
             r = min(self._diameter(), self.max_diameter_mm, 0.5 * float(extent.min())) / 2
             if depth is not None:  # centres 0.5-1 radius inside the lung's edge
-                near = np.argwhere(lung & (depth > 0.5 * r) & (depth < r))
+                near = np.argwhere(allowed & (depth > 0.5 * r) & (depth < r))
             elif to_dense is not None:  # abutting a vessel or wall
-                near = np.argwhere(lung & (to_dense > 0.6 * r) & (to_dense < r + 1.0))
+                near = np.argwhere(allowed & (to_dense > 0.6 * r) & (to_dense < r + 1.0))
             else:
                 near = candidates
             if len(near) == 0:

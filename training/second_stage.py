@@ -58,6 +58,7 @@ class Round(_Strict):
     n_neg: int = 700
     nodules: int = Field(default=8, ge=1)   # nodules generated per CT
     juxtapleural_fraction: float = Field(default=JUXTAPLEURAL_FRACTION, ge=0.0, le=1.0)  # of them on the pleura
+    painted: int = Field(default=0, ge=0, le=48)   # negatives per 64-patch batch given a painted nodule (positives)
 
 
 class Split(_Strict):
@@ -260,7 +261,7 @@ def run(cfg: SecondStageConfig, config_path: Path, log: Any = print) -> dict[str
         if not done.exists():
             with timings.phase(f"train_{k}_s"):
                 res = train_classifier(list(dirs), ckpt, rnd.minutes, lr=rnd.lr, seed=cfg.seed,
-                                       init=previous if rnd.hard else None, log=log)
+                                       init=previous if rnd.hard else None, painted=rnd.painted, log=log)
             done.write_text(json.dumps(res))
         steps.append(int(json.loads(done.read_text())["steps"]))
         previous = ckpt

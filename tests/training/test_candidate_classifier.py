@@ -54,3 +54,25 @@ def test_hard_negatives_are_the_ones_the_classifier_scores_highest() -> None:
     d0, d1 = density(x0[y0 == 0]), density(x1[y1 == 0])
     assert np.sort(d1)[-30:].min() >= np.median(d0), "the mined negatives outrank a random draw's median"
     assert np.sort(d1)[-30:].mean() > np.sort(d0)[-30:].mean(), "and the random draw's top 30"
+
+
+def test_painted_nodules_turn_lung_negatives_into_positives() -> None:
+    """`paint_nodules` makes at most `want` negatives positive, each with a nodule at its centre; patches with no
+    lung near the centre (soft tissue) stay negatives, and positives are never touched."""
+    rng = np.random.default_rng(0)
+    hu = np.where(np.arange(8)[:, None, None, None] < 6, -850.0, 40.0) + rng.normal(0, 15, (8, 24, 24, 24))
+    yy, xx = np.mgrid[:24, :24]
+    hu[:6, :, (yy - 12) ** 2 + (xx - 15) ** 2 <= 2] = 40.0       # a vessel along z, 3 mm from the centre
+    x = to_u8(hu)
+    y = np.array([1, 0, 0, 0, 0, 0, 0, 0], dtype=np.uint8)
+    before = x.copy()
+    painter = cc.nodule_painter(0)
+    assert cc.paint_nodules(x, y, painter, want=2) == 2
+    assert y[0] == 1 and y.sum() == 3 and y[6:].sum() == 0
+    changed = np.any(x != before, axis=(1, 2, 3))
+    assert np.array_equal(changed, (y == 1) & (np.arange(8) > 0)), "exactly the new positives were painted"
+    c = 12
+    gain = (x.astype(float) - before)[changed][:, c - 2:c + 3, c - 2:c + 3, c - 2:c + 3].max(axis=(1, 2, 3))
+    assert np.all(gain > 30), "each painted nodule makes the patch centre denser (>= ground glass over lung)"
+    y2 = np.array([0, 0], dtype=np.uint8)
+    assert cc.paint_nodules(x[6:8].copy(), y2, painter, want=2) == 0 and y2.sum() == 0, "no lung, no nodule"

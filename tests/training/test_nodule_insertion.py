@@ -114,3 +114,15 @@ def test_vessel_fraction_puts_the_nodule_against_a_vessel() -> None:
 def test_kind_weights_are_checked() -> None:
     with pytest.raises(ValueError, match="kind_weights"):
         RandInsertNoduled(("image", "label"), WINDOW, (1.5, 1.5, 1.5), kind_weights=(1.0, 0.0))
+
+
+def test_centre_within_mm_centres_the_nodule_on_the_patch() -> None:
+    """A classifier patch is about its centre: with centre_within_mm 2 every nodule's centre of mass is there."""
+    for seed in range(4):
+        t = RandInsertNoduled(("image", "label"), WINDOW, (1.0, 1.0, 1.0), prob=1.0, small_fraction=1.0,
+                              small_max_mm=8.0, centre_within_mm=2.0)
+        t.set_random_state(seed)
+        nodule = np.asarray(t(_patch(-850.0, seed=seed))["label"])[0] > 0
+        assert nodule.any()
+        offset = np.argwhere(nodule).mean(axis=0) - np.array([16, 20, 20])   # the centre voxel, index size // 2
+        assert np.linalg.norm(offset) <= 2.0 + 1.0, offset                     # lobulation moves it < 1 mm

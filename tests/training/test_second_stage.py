@@ -28,7 +28,7 @@ def second_stage(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config.write_text(json.dumps({
         "first_stage": str(models / "lung_nodule_ct"), "run_dir": str(root / "run"),
         "rounds": [{"seeds": [3000, 3003], "minutes": 0.05, "lr": 0.002, **small},
-                   {"seeds": [3003, 3006], "minutes": 0.05, "lr": 0.001, "hard": True, **small}],
+                   {"seeds": [3003, 3006], "minutes": 0.05, "lr": 0.001, "hard": True, "painted": 4, **small}],
         "calibration": {"dir": str(root / "data"), "section": "calibration", "n": 2, "seed": 6000, "rows": 128,
                         "slices": 60},
         "test": [{"dir": str(root / "data"), "section": "test", "n": 2, "seed": 9000, "rows": 128, "slices": 60}],
@@ -51,13 +51,21 @@ def test_the_command_registers_a_second_stage_naming_its_first(second_stage: Pat
     assert (second_stage / "lung_nodule_candidates_ct" / held["figure"]).is_file()
     assert card.training["command"].startswith("dxgate train lung-nodule-candidates --config ")
     assert card.training["onnx_parity_max_abs_diff"] <= 1e-4
-    assert card.training["rounds"][1]["hard"] is True
+    assert card.training["rounds"][1]["hard"] is True and card.training["rounds"][1]["painted"] == 4
     steps = card.training["steps_per_round"]          # rounds train for minutes: the card says how many steps
     assert len(steps) == 2 and all(s >= 1 for s in steps)
     phases = card.training["timings_s"]                # every phase's time, kept across resumed invocations
     assert set(phases) == {"patches_1_s", "train_1_s", "patches_2_s", "train_2_s", "calibration_s", "heldout_9000_s"}
     assert card.training["command_seconds"] == pytest.approx(sum(phases.values()), abs=len(phases))
     assert card.training["nodules_per_ct"] == [8, 8] and card.training["measured_on"]["cores"] >= 1
+
+
+def test_a_painting_round_turns_negatives_into_positives(second_stage: Path) -> None:
+    """Round 2 of the fixture paints up to 4 nodules into each batch's negatives; round 1 paints none."""
+    run = second_stage.parent / "run"
+    first, second = (json.loads((run / f"classifier_{k}.json").read_text()) for k in (1, 2))
+    assert first["painted"] == 0
+    assert 1 <= second["painted"] <= 4 * second["steps"]
 
 
 def test_phase_times_survive_a_resumed_invocation(tmp_path: Path) -> None:
