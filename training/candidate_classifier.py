@@ -131,8 +131,8 @@ def _augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def nodule_painter(seed: int) -> RandInsertNoduled:
     """Paints one fresh synthetic nodule (`training.nodule_insertion`: 3-10 mm, more ground glass than the
     generator draws, 30 % on the pleura, half of the rest abutting a vessel) within 2 mm of a patch's centre."""
-    painter = RandInsertNoduled(("image", "label"), WINDOW, (ISO_MM,) * 3, prob=1.0, max_diameter_mm=MAX_DIAMETER_MM,
-                                small_fraction=1.0, small_max_mm=PAINTED_MAX_MM, juxtapleural_fraction=0.3,
+    painter = RandInsertNoduled(("image", "label"), WINDOW, (ISO_MM,) * 3, prob=1.0, small_fraction=1.0,
+                                small_max_mm=PAINTED_MAX_MM, juxtapleural_fraction=JUXTAPLEURAL_FRACTION,
                                 kind_weights=PAINTED_KINDS, vessel_fraction=0.5, centre_within_mm=2.0)
     painter.set_random_state(seed)
     return painter

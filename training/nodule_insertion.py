@@ -78,6 +78,7 @@ class RandInsertNoduled(Randomizable, MapTransform):
         self.juxtapleural_fraction = float(juxtapleural_fraction)
         self.vessel_fraction = float(vessel_fraction)
         self.centre_within_mm = None if centre_within_mm is None else float(centre_within_mm)
+        self._regions: dict[tuple[int, ...], np.ndarray] = {}   # by patch shape: the same every call in training
         w = np.asarray(kind_weights, dtype=float)
         if w.shape != (len(NODULE_KINDS),) or (w < 0).any() or w.sum() <= 0:
             raise ValueError(f"kind_weights needs {len(NODULE_KINDS)} non-negative weights, got {kind_weights}")
@@ -114,10 +115,11 @@ class RandInsertNoduled(Randomizable, MapTransform):
         size // 2, as `inference.candidates.patches` centres its cubes)."""
         if self.centre_within_mm is None:
             return True
-        sp = np.asarray(self.spacing)
-        grid = np.indices(shape, dtype=np.float32)
-        d2 = sum(((g - n // 2) * s) ** 2 for g, n, s in zip(grid, shape, sp, strict=True))
-        return d2 <= self.centre_within_mm ** 2
+        if shape not in self._regions:
+            grid = np.indices(shape, dtype=np.float32)
+            d2 = sum(((g - n // 2) * s) ** 2 for g, n, s in zip(grid, shape, self.spacing, strict=True))
+            self._regions[shape] = d2 <= self.centre_within_mm ** 2
+        return self._regions[shape]
 
     def _insert(self, hu: np.ndarray, label: np.ndarray, lung: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         allowed = lung & self._centre_region(hu.shape)
