@@ -25,7 +25,7 @@ from inference.volume import Volume
 
 log = logging.getLogger(__name__)
 
-SUPPRESS_MM = 4.0   # a blob within this of a kept one (or inside a first-stage finding's radius + this) is the same
+SUPPRESS_MM = 4.0   # a blob within a kept finding's radius + this (first stage or blob) is the same nodule
 
 
 class SecondStageError(InferenceError):
@@ -98,9 +98,10 @@ def _paint_sphere(label_map: np.ndarray, volume: Volume, source_index: np.ndarra
 
 
 def kept_candidates(centres_mm: np.ndarray, probability: np.ndarray, threshold: float,
-                    taken: list[tuple[np.ndarray, float]]) -> list[int]:
+                    taken: list[tuple[np.ndarray, float]], diameters_mm: np.ndarray | None = None) -> list[int]:
     """Indices of the candidates at or above `threshold`, most probable first, that lie neither within any
-    (centre, radius) of `taken` (the first stage's findings) nor within `SUPPRESS_MM` of a more probable kept one."""
+    (centre, radius) of `taken` (the first stage's findings) nor within a more probable kept one's radius
+    (half its `diameters_mm`, 0 without them) + `SUPPRESS_MM`: the same rule the first stage's findings get."""
     keep = np.flatnonzero(probability >= threshold)
     keep = keep[np.argsort(-probability[keep], kind="stable")]
     taken = list(taken)
@@ -109,7 +110,8 @@ def kept_candidates(centres_mm: np.ndarray, probability: np.ndarray, threshold: 
         p = np.asarray(centres_mm[k], dtype=float)
         if any(np.linalg.norm(p - c) < r for c, r in taken):
             continue
-        taken.append((p, SUPPRESS_MM))
+        own = 0.0 if diameters_mm is None else float(diameters_mm[k]) / 2.0
+        taken.append((p, own + SUPPRESS_MM))
         out.append(int(k))
     return out
 
@@ -117,12 +119,12 @@ def kept_candidates(centres_mm: np.ndarray, probability: np.ndarray, threshold: 
 def add_candidate_findings(scored: ScoredCandidates, volume: Volume, card: ModelCard, first: list[Finding],
                            label_map: np.ndarray) -> list[Finding]:
     """Findings for the candidates at or above `card.thresholds.probability`, most probable first, that lie
-    neither within a first-stage finding's radius + `SUPPRESS_MM` nor within `SUPPRESS_MM` of a more probable
-    kept candidate (`kept_candidates`). Their spheres are painted into `label_map` (only where it is 0)."""
+    neither within a first-stage finding's radius + `SUPPRESS_MM` nor within a more probable kept candidate's
+    radius + `SUPPRESS_MM` (`kept_candidates`). Their spheres are painted into `label_map` (only where it is 0)."""
     mm = volume.index_to_patient(scored.source_index) if len(scored.probability) else np.zeros((0, 3))
     taken = [(np.asarray(f.centre_mm), (f.diameter_mm or 0.0) / 2.0 + SUPPRESS_MM) for f in first]
     out: list[Finding] = []
-    for k in kept_candidates(mm, scored.probability, card.thresholds.probability, taken):
+    for k in kept_candidates(mm, scored.probability, card.thresholds.probability, taken, scored.diameter_mm):
         out.append(_finding(volume, card, scored.source_index[k], float(scored.probability[k]),
                             float(scored.diameter_mm[k])))
         _paint_sphere(label_map, volume, scored.source_index[k], float(scored.diameter_mm[k]), card.labels[0].index)

@@ -59,6 +59,16 @@ def nodule_candidates(logits: np.ndarray, volume: Any, info: Any, floor: float =
     model-grid image in HU) components averaging below `min_mean_hu` or above `max_mean_hu` are dropped,
     as the gateway's postprocess does. Keeps the `limit` most probable components.
     """
+    found = nodule_components(logits, volume, info, floor, limit, hu, min_mean_hu, max_mean_hu)
+    return [(c, p) for c, p, _ in found]
+
+
+def nodule_components(logits: np.ndarray, volume: Any, info: Any, floor: float = CANDIDATE_FLOOR,
+                      limit: int = 500, hu: np.ndarray | None = None, min_mean_hu: float | None = None,
+                      max_mean_hu: float | None = None, levels: Sequence[float] = ()
+                      ) -> list[tuple[tuple[float, float, float], float, list[float]]]:
+    """`nodule_candidates` plus, per component, the equivalent-sphere diameter (mm) of its model-grid voxels
+    above each of `levels`: what the gateway's postprocess would measure at that threshold."""
     from scipy import ndimage
 
     from inference.postprocess import sigmoid
@@ -80,8 +90,11 @@ def nodule_candidates(logits: np.ndarray, volume: Any, info: Any, floor: float =
     keep = ids[np.argsort(-maxima[ids - 1])[:limit]]
     centres = np.asarray(ndimage.center_of_mass(prob, components, keep), dtype=float).reshape(-1, 3)
     source_index = centres * (np.asarray(info.target_spacing) / np.asarray(info.source_spacing))
-    return [(tuple(float(v) for v in volume.index_to_patient(c)), float(maxima[k - 1]))  # type: ignore[misc]
-            for c, k in zip(source_index, keep, strict=True)]
+    voxel_mm3 = float(np.prod(info.target_spacing))
+    counts = [np.asarray(ndimage.sum(prob > lv, components, keep), dtype=float).reshape(-1) for lv in levels]
+    diameters = [[float((6.0 * c[i] * voxel_mm3 / np.pi) ** (1.0 / 3.0)) for c in counts] for i in range(len(keep))]
+    return [(tuple(float(v) for v in volume.index_to_patient(c)), float(maxima[k - 1]), d)  # type: ignore[misc]
+            for c, k, d in zip(source_index, keep, diameters, strict=True)]
 
 
 def _infer_case(entry: dict[str, Any], card: Any, backend: Any) -> tuple[Any, np.ndarray, Any, np.ndarray]:

@@ -8,19 +8,17 @@ One command, resumable (each step skips what its output already holds):
    negatives), and the round-1 classifier fine-tuned on both rounds;
 4. one threshold for the combination (first-stage components and scored blobs alike) chosen on the calibration
    scans for <= `operating_fp_per_scan` false positives per scan, and the held-out figures, both through the
-   gateway's own code (`inference.pipeline`'s first stage, `inference.second_stage`);
+   gateway's own code (`inference.pipeline`'s first stage, `inference.second_stage`) and both on what the
+   gateway reports at each threshold (`training.second_stage_eval`: a blob beside a finding is the same nodule);
 5. registration as `models/<name>/` with `first_stage` naming the first-stage model.
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import sys
 import tempfile
-import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +37,8 @@ from training.candidate_classifier import (
     write_patches,
 )
 from training.run_timings import PhaseTimes, machine
+from training.second_stage_eval import METHOD, choose_threshold, figures, scored_split
 from training.synthetic.chest_ct import JUXTAPLEURAL_FRACTION
-
-Prediction = tuple[tuple[float, float, float], float]
 
 
 class _Strict(BaseModel):
@@ -110,128 +107,6 @@ def card_fields(cfg: SecondStageConfig, first_card: ModelCard, probability: floa
     }
 
 
-# -- evaluation through the served code, one case per call (runs in worker processes) -----------------
-_STATE: dict[str, Any] = {}
-
-
-def _init_worker(first_dir: str, classifier_onnx: str, classifier_card: dict[str, Any]) -> None:
-    from inference.backends.onnxruntime_backend import OnnxRuntimeBackend
-    from inference.model_repo import load_model
-
-    torch.set_num_threads(1)
-    first = load_model(Path(first_dir))
-    _STATE["first"] = first
-    _STATE["first_backend"] = OnnxRuntimeBackend(first.weights_path, first.name,
-                                                 providers=["CPUExecutionProvider"], intra_op_threads=1)
-    _STATE["card"] = ModelCard.model_validate(classifier_card)
-    _STATE["backend"] = OnnxRuntimeBackend(Path(classifier_onnx), classifier_card["name"],
-                                           providers=["CPUExecutionProvider"], intra_op_threads=1)
-
-
-def score_case(entry: dict[str, Any]) -> dict[str, Any]:
-    """First-stage FROC components (model grid, p > 0.05) and every scored blob of one case, plus what the
-    served combination reports at the thresholds in the card given to the worker (computed later)."""
-    from inference.second_stage import score_candidates
-    from training.cli import _infer_case, _model_grid_hu, nodule_candidates
-
-    first, card = _STATE["first"], _STATE["card"]
-    t0 = time.perf_counter()
-    volume, image, info, logits = _infer_case(entry, first.card, _STATE["first_backend"])
-    hu = _model_grid_hu(image, first.card)
-    components = nodule_candidates(logits, volume, info, hu=hu, min_mean_hu=first.card.thresholds.min_mean_hu,
-                                   max_mean_hu=first.card.thresholds.max_mean_hu)
-    t1 = time.perf_counter()
-    scored = score_candidates(volume, _STATE["backend"], card)
-    t2 = time.perf_counter()
-    blobs = [(tuple(float(v) for v in m), float(p))
-             for m, p in zip(volume.index_to_patient(scored.source_index), scored.probability, strict=True)]
-    return {"seed": entry["seed"], "components": components, "blobs": blobs,
-            "diameters": scored.diameter_mm.tolist(), "source_index": scored.source_index.tolist(),
-            "first_stage_s": t1 - t0, "second_stage_s": t2 - t1}
-
-
-def scored_split(entries: list[dict[str, Any]], cache: Path, first_dir: Path, onnx: Path, card: dict[str, Any],
-                 workers: int, log: Any = print) -> list[dict[str, Any]]:
-    """`score_case` for each entry, cached as one JSON per seed under `cache`."""
-    cache.mkdir(parents=True, exist_ok=True)
-    todo = [e for e in entries if not (cache / f"{e['seed']}.json").exists()]
-    if todo:
-        t0 = time.time()
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-                                 initargs=(str(first_dir), str(onnx), card)) as pool:
-            for k, r in enumerate(pool.map(score_case, todo), start=1):
-                (cache / f"{r['seed']}.json").write_text(json.dumps(r))
-                log(f"scored {cache.name}: {k}/{len(todo)} cases, {time.time() - t0:.0f} s")
-    return [json.loads((cache / f"{e['seed']}.json").read_text()) for e in entries]
-
-
-def _truths(entries: list[dict[str, Any]]) -> list[list[tuple[Any, float]]]:
-    return [[(n["centre_mm"], n["diameter_mm"]) for n in e["nodules"]] for e in entries]
-
-
-def _union(rows: list[dict[str, Any]]) -> list[list[Prediction]]:
-    return [[(tuple(c), p) for c, p in r["components"]] + [(tuple(c), p) for c, p in r["blobs"]] for r in rows]
-
-
-def choose_threshold(rows: list[dict[str, Any]], entries: list[dict[str, Any]], fp_per_scan: float,
-                     floor: float) -> dict[str, Any]:
-    """The lowest threshold (>= floor) of the combined candidates with <= fp_per_scan FP per calibration scan."""
-    from training.cli import threshold_at
-    from training.metrics.froc import froc_cpm
-
-    froc = froc_cpm(_union(rows), _truths(entries))
-    return {**threshold_at(froc, fp_per_scan, floor), "calibration_scans": len(entries), "calibration_cpm": froc.cpm}
-
-
-def served_findings(row: dict[str, Any], threshold: float) -> list[Prediction]:
-    """What the gateway reports for a scored case at `threshold`: first-stage components above it (model grid)
-    plus the blobs `inference.second_stage.kept_candidates` keeps beside them."""
-    from inference.second_stage import SUPPRESS_MM, kept_candidates
-
-    first = [(np.asarray(c), p) for c, p in row["components"] if p > threshold]
-    taken = [(c, SUPPRESS_MM + 2.0) for c, _ in first]   # components have no diameter here: 2 mm radius assumed
-    out: list[Prediction] = [(tuple(float(v) for v in c), p) for c, p in first]
-    if row["blobs"]:
-        mm = np.asarray([c for c, _ in row["blobs"]], dtype=float)
-        prob = np.asarray([p for _, p in row["blobs"]], dtype=float)
-        out += [(tuple(float(v) for v in mm[k]), float(prob[k])) for k in kept_candidates(mm, prob, threshold, taken)]
-    return out
-
-
-def figures(rows: list[dict[str, Any]], entries: list[dict[str, Any]], threshold: float,
-            plot: Path | None = None, title: str = "") -> dict[str, Any]:
-    """FROC / CPM of the combination, the first stage alone, and the operating point as served."""
-    from training.metrics.froc import froc_cpm
-    from training.metrics.plots import plot_froc
-
-    truths = _truths(entries)
-    both = froc_cpm(_union(rows), truths)
-    alone = froc_cpm([[(tuple(c), p) for c, p in r["components"]] for r in rows], truths)
-    served = [served_findings(r, threshold) for r in rows]
-    at = froc_cpm(served, truths)
-    if plot is not None:
-        plot_froc(both, plot, title=title)
-    sizes = {"3-6 mm": (3, 6), "6-10 mm": (6, 10), "10-30 mm": (10, 31)}
-    found: dict[str, list[int]] = {k: [0, 0] for k in sizes}
-    for preds, e in zip(served, entries, strict=True):
-        for n in e["nodules"]:
-            k = next(k for k, (lo, hi) in sizes.items() if lo <= n["diameter_mm"] < hi)
-            found[k][1] += 1
-            c, r = np.asarray(n["centre_mm"]), n["diameter_mm"] / 2
-            found[k][0] += any(np.linalg.norm(np.asarray(p) - c) <= r for p, _ in preds)
-    return {
-        "cases": len(entries), "seeds": [entries[0]["seed"], entries[-1]["seed"]], "n_nodules": both.n_nodules,
-        "sensitivity_at_1fp_per_scan": both.sensitivity_at(1.0), "cpm": both.cpm,
-        "sensitivity_at_fp": dict(zip([f"{f:g}" for f in both.operating_points], both.sensitivities, strict=True)),
-        "first_stage_alone": {"sensitivity_at_1fp_per_scan": alone.sensitivity_at(1.0), "cpm": alone.cpm},
-        "operating_point": {"probability": threshold, "sensitivity": at.n_true_positives / max(at.n_nodules, 1),
-                            "fp_per_scan": at.n_false_positives / max(len(entries), 1),
-                            "found_by_size": {k: f"{a}/{b}" for k, (a, b) in found.items()}},
-        "seconds_per_case": {"first_stage": float(np.mean([r["first_stage_s"] for r in rows])),
-                             "second_stage": float(np.mean([r["second_stage_s"] for r in rows]))},
-    }
-
-
 def _classifier_card_for_scoring(cfg: SecondStageConfig, first_card: ModelCard) -> dict[str, Any]:
     return {**card_fields(cfg, first_card, 0.5, 0.5), "version": "eval", "weights_sha256": "0" * 64}
 
@@ -294,10 +169,7 @@ def run(cfg: SecondStageConfig, config_path: Path, log: Any = print) -> dict[str
         res["figure"] = plot.name
         metrics["heldout"].append(res)
         log(f"held-out seeds {s.seed}-{s.seed + s.n - 1}: {json.dumps(res)}")
-    metrics["method"] = ("first stage as served (inference.preprocess + model_pass; FROC components at p > 0.05 on "
-                         "the model grid, training.cli.nodule_candidates) plus every blob of inference.candidates "
-                         "scored by the exported ONNX classifier (inference.second_stage.score_candidates); LUNA16 "
-                         "FROC (training.metrics.froc); one threshold for both, chosen on the calibration scans")
+    metrics["method"] = METHOD
     fields = card_fields(cfg, first.card, op["probability"], op["probability"])
     fields["training"] = {
         "data": "synthetic", "generator": "training.synthetic.chest_ct",

@@ -52,6 +52,21 @@ def test_blobs_below_threshold_inside_a_finding_or_beside_a_kept_blob_are_droppe
     assert 40 <= len(painted) <= 90
 
 
+def test_a_kept_blob_suppresses_less_probable_ones_within_its_radius_plus_4_mm() -> None:
+    """Blobs on the rim of a large ground-glass nodule are the same nodule as the blob at its centre."""
+    vol, card = _volume(), _card()
+    scored = ScoredCandidates(
+        source_index=np.array([[10.0, 30.0, 30.0],    # a 9 mm blob, kept
+                               [10.0, 44.0, 30.0],    # 7 mm from it: inside 4.5 + 4 mm, the same nodule
+                               [10.0, 30.0, 48.0]]),  # 9 mm from it: a nodule of its own
+        probability=np.array([0.9, 0.8, 0.7], dtype=np.float32), diameter_mm=np.array([9.0, 4.0, 4.0]))
+    out = add_candidate_findings(scored, vol, card, [], np.zeros(vol.shape, dtype=np.uint8))
+    assert [f.probability for f in out] == pytest.approx([0.9, 0.7])
+    smaller = ScoredCandidates(scored.source_index, scored.probability, np.array([4.0, 4.0, 4.0]))
+    out = add_candidate_findings(smaller, vol, card, [], np.zeros(vol.shape, dtype=np.uint8))
+    assert len(out) == 3                                # a 4 mm blob keeps only 2 + 4 mm around it
+
+
 def test_a_second_stage_card_must_name_its_first_stage_and_only_it() -> None:
     fields = _card().model_dump()
     with pytest.raises(ValueError, match="first_stage"):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import matplotlib
 
@@ -11,10 +13,24 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
 import numpy as np  # noqa: E402
 
-from training.metrics.froc import FrocResult  # noqa: E402
+
+class Froc(Protocol):
+    """What a FROC plot reads: `training.metrics.froc.FrocResult`, `training.second_stage_eval.ServedCurve`."""
+
+    operating_points: tuple[float, ...]
+    n_nodules: int
+    n_scans: int
+
+    @property
+    def sensitivities(self) -> tuple[float, ...]: ...
+
+    @property
+    def cpm(self) -> float: ...
+
+    def sensitivity_at(self, fp_per_scan: float) -> float: ...
 
 
-def plot_froc(result: FrocResult, out: Path, title: str = "FROC") -> Path:
+def plot_froc(result: Froc, out: Path, title: str = "FROC") -> Path:
     """FROC curve on a log2 FP-per-scan axis (1/8 .. 8, as LUNA16 plots it), CPM in the legend."""
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
     grid = np.geomspace(min(result.operating_points), max(result.operating_points), 400)
@@ -27,7 +43,7 @@ def plot_froc(result: FrocResult, out: Path, title: str = "FROC") -> Path:
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("Average number of false positives per scan")
     ax.set_ylabel("Sensitivity")
-    ax.set_title(f"{title} ({result.n_nodules} nodules, {result.n_scans} scans)")
+    ax.set_title(textwrap.fill(f"{title} ({result.n_nodules} nodules, {result.n_scans} scans)", 60), fontsize=10)
     ax.grid(True, which="both", alpha=0.4)
     ax.legend(loc="lower right")
     return _save(fig, out)
