@@ -3,7 +3,7 @@
 `score_case` runs one generated CT through the gateway's own first stage (`inference.preprocess`, `model_pass`)
 and candidate scoring (`inference.second_stage.score_candidates`) and keeps every first-stage component (with
 its diameter at `DIAMETER_LEVELS`) and every scored blob. `served_findings` turns such a row into the findings
-the gateway reports at a threshold (a blob beside a finding is the same nodule, `kept_candidates`);
+the gateway reports at a threshold (a blob beside a finding is the same nodule, `candidate_groups`);
 `served_curve` sweeps that threshold and scores each output by the LUNA16 hit rule. The threshold of the model
 card is chosen on calibration scans by the same curve (`choose_threshold`).
 """
@@ -108,9 +108,10 @@ def _component_radius(row: dict[str, Any], k: int, threshold: float) -> float:
 
 def served_findings(row: dict[str, Any], threshold: float) -> list[Prediction]:
     """What the gateway reports for a scored case at `threshold`: first-stage components above it (model grid)
-    plus the blobs `inference.second_stage.kept_candidates` keeps beside them (outside each component's radius
-    at that threshold + `SUPPRESS_MM`, as `add_candidate_findings` does with the first stage's findings)."""
-    from inference.second_stage import SUPPRESS_MM, kept_candidates
+    plus one mark per group of blobs beside them (`inference.second_stage.candidate_groups`: outside each
+    component's radius at that threshold + `SUPPRESS_MM`), at the group's `group_centre`, as
+    `add_candidate_findings` reports them."""
+    from inference.second_stage import SUPPRESS_MM, candidate_groups, group_centre
 
     first = [(k, np.asarray(c), p) for k, (c, p) in enumerate(row["components"]) if p > threshold]
     taken = [(c, _component_radius(row, k, threshold) + SUPPRESS_MM) for k, c, _ in first]
@@ -118,8 +119,8 @@ def served_findings(row: dict[str, Any], threshold: float) -> list[Prediction]:
     if row["blobs"]:
         mm = np.asarray([c for c, _ in row["blobs"]], dtype=float)
         prob = np.asarray([p for _, p in row["blobs"]], dtype=float)
-        kept = kept_candidates(mm, prob, threshold, taken, np.asarray(row["diameters"], dtype=float))
-        out += [(tuple(float(v) for v in mm[k]), float(prob[k])) for k in kept]
+        groups = candidate_groups(mm, prob, threshold, taken, np.asarray(row["diameters"], dtype=float))
+        out += [(tuple(float(v) for v in group_centre(mm, prob, g)), float(prob[g[0]])) for g in groups]
     return out
 
 
@@ -237,7 +238,8 @@ def figures(rows: list[dict[str, Any]], entries: list[dict[str, Any]], threshold
 METHOD = ("first stage as served (inference.preprocess + model_pass; components at p > 0.05 on the model grid with "
           "their diameters at the threshold, training.cli.nodule_components) plus every blob of inference.candidates "
           "scored by the exported ONNX classifier (inference.second_stage.score_candidates); the gateway's findings "
-          "at each threshold (components above it, blobs kept by inference.second_stage.kept_candidates) scored by "
-          "the LUNA16 hit rule (training.second_stage_eval.served_curve): sensitivity at 1 FP/scan and CPM of that "
-          "curve; candidate_union is the LUNA16 FROC of every component and blob as a mark, without suppression; "
-          "one threshold for both stages, chosen on the calibration scans by the same curve")
+          "at each threshold (components above it, blob groups of inference.second_stage.candidate_groups at their "
+          "probability-weighted centres) scored by the LUNA16 hit rule (training.second_stage_eval.served_curve): "
+          "sensitivity at 1 FP/scan and CPM of that curve; candidate_union is the LUNA16 FROC of every component "
+          "and blob as a mark, without suppression; one threshold for both stages, chosen on the calibration scans "
+          "by the same curve")
