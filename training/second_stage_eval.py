@@ -106,14 +106,17 @@ def _component_radius(row: dict[str, Any], k: int, threshold: float) -> float:
     return float(np.interp(threshold, levels, diameters[k])) / 2.0
 
 
-def served_findings(row: dict[str, Any], threshold: float) -> list[Prediction]:
+def served_findings(row: dict[str, Any], threshold: float, min_diameter_mm: float = 0.0) -> list[Prediction]:
     """What the gateway reports for a scored case at `threshold`: first-stage components above it (model grid)
-    plus one mark per group of blobs beside them (`inference.second_stage.candidate_groups`: outside each
-    component's radius at that threshold + `SUPPRESS_MM`), at the group's `group_centre`, as
-    `add_candidate_findings` reports them."""
+    that measure at least `min_diameter_mm` there (the first stage's `thresholds.min_diameter_mm`; not applied
+    to rows without measured diameters), plus one mark per group of blobs beside them
+    (`inference.second_stage.candidate_groups`: outside each component's radius at that threshold +
+    `SUPPRESS_MM`), at the group's `group_centre`, as `add_candidate_findings` reports them."""
     from inference.second_stage import SUPPRESS_MM, candidate_groups, group_centre
 
-    first = [(k, np.asarray(c), p) for k, (c, p) in enumerate(row["components"]) if p > threshold]
+    measured = bool(row.get("component_diameters"))
+    first = [(k, np.asarray(c), p) for k, (c, p) in enumerate(row["components"])
+             if p > threshold and not (measured and 2.0 * _component_radius(row, k, threshold) < min_diameter_mm)]
     taken = [(c, _component_radius(row, k, threshold) + SUPPRESS_MM) for k, c, _ in first]
     out: list[Prediction] = [(tuple(float(v) for v in c), p) for _, c, p in first]
     if row["blobs"]:
@@ -153,9 +156,10 @@ class ServedCurve:
 
 
 def served_curve(rows: list[dict[str, Any]], entries: list[dict[str, Any]], floor: float,
-                 max_fp_per_scan: float = max(LUNA16_FP_RATES)) -> ServedCurve:
+                 max_fp_per_scan: float = max(LUNA16_FP_RATES), min_diameter_mm: float = 0.0) -> ServedCurve:
     """`ServedCurve` of scored cases against their generated nodules, down to the first threshold with more than
-    `max_fp_per_scan` false positives per scan (lower ones cannot change the sensitivity at that rate or below)."""
+    `max_fp_per_scan` false positives per scan (lower ones cannot change the sensitivity at that rate or below).
+    `min_diameter_mm` as in `served_findings`."""
     from training.metrics.froc import match_scan
 
     truths = _truths(entries)
@@ -167,7 +171,8 @@ def served_curve(rows: list[dict[str, Any]], entries: list[dict[str, Any]], floo
         tp = fp = 0
         for r, truth in zip(rows, truths, strict=True):
             # the gateway keeps first-stage voxels at p > threshold and blobs at p >= threshold
-            m = match_scan(served_findings(r, float(np.nextafter(t, -np.inf))), truth, max_marks=None)
+            m = match_scan(served_findings(r, float(np.nextafter(t, -np.inf)), min_diameter_mm), truth,
+                           max_marks=None)
             tp += sum(p is not None for p in m.nodule_probs)
             fp += len(m.fp_probs)
         fps[i], sens[i] = fp / max(len(rows), 1), tp / max(n, 1)
@@ -178,11 +183,11 @@ def served_curve(rows: list[dict[str, Any]], entries: list[dict[str, Any]], floo
 
 
 def choose_threshold(rows: list[dict[str, Any]], entries: list[dict[str, Any]], fp_per_scan: float,
-                     floor: float) -> dict[str, Any]:
+                     floor: float, min_diameter_mm: float = 0.0) -> dict[str, Any]:
     """The lowest threshold (>= floor) at which the gateway's output (`served_curve`) has at most `fp_per_scan`
     false positives per calibration scan at it and at every higher threshold: halfway between the lowest
     probability kept and the next one down."""
-    curve = served_curve(rows, entries, floor, max(fp_per_scan, *LUNA16_FP_RATES))
+    curve = served_curve(rows, entries, floor, max(fp_per_scan, *LUNA16_FP_RATES), min_diameter_mm)
     over = np.flatnonzero(curve.fps > fp_per_scan)
     k = (int(over[0]) if over.size else len(curve.thresholds)) - 1    # last point before the first one over
     kept = float(curve.thresholds[k]) if k >= 0 else 1.0
@@ -196,7 +201,8 @@ def choose_threshold(rows: list[dict[str, Any]], entries: list[dict[str, Any]], 
 
 
 def figures(rows: list[dict[str, Any]], entries: list[dict[str, Any]], threshold: float,
-            plot: Path | None = None, title: str = "", floor: float = 0.3) -> dict[str, Any]:
+            plot: Path | None = None, title: str = "", floor: float = 0.3, min_diameter_mm: float = 0.0
+            ) -> dict[str, Any]:
     """Held-out figures: the FROC / CPM of the gateway's output swept over its threshold (`served_curve`, the
     headline), of the raw candidate union (every component and blob a mark, no suppression), of the first stage
     alone, and the operating point as served at `threshold`."""
@@ -204,10 +210,10 @@ def figures(rows: list[dict[str, Any]], entries: list[dict[str, Any]], threshold
     from training.metrics.plots import plot_froc
 
     truths = _truths(entries)
-    curve = served_curve(rows, entries, floor)
+    curve = served_curve(rows, entries, floor, min_diameter_mm=min_diameter_mm)
     both = froc_cpm(_union(rows), truths)
     alone = froc_cpm([[(tuple(c), p) for c, p in r["components"]] for r in rows], truths)
-    served = [served_findings(r, threshold) for r in rows]
+    served = [served_findings(r, threshold, min_diameter_mm) for r in rows]
     at = froc_cpm(served, truths)
     if plot is not None:
         plot_froc(curve, plot, title=title)
@@ -236,7 +242,8 @@ def figures(rows: list[dict[str, Any]], entries: list[dict[str, Any]], threshold
 
 
 METHOD = ("first stage as served (inference.preprocess + model_pass; components at p > 0.05 on the model grid with "
-          "their diameters at the threshold, training.cli.nodule_components) plus every blob of inference.candidates "
+          "their diameters at the threshold, training.cli.nodule_components; those under the first stage's "
+          "min_diameter_mm there dropped) plus every blob of inference.candidates "
           "scored by the exported ONNX classifier (inference.second_stage.score_candidates); the gateway's findings "
           "at each threshold (components above it, blob groups of inference.second_stage.candidate_groups at their "
           "probability-weighted centres) scored by the LUNA16 hit rule (training.second_stage_eval.served_curve): "

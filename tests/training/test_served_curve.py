@@ -91,3 +91,15 @@ def test_blobs_of_one_nodule_are_reported_at_their_weighted_centre() -> None:
     assert np.allclose(marks[1][0], [2.2 * (0.9998 - 0.9996) / (0.9998 + 0.9996), 0, 0]) and marks[1][1] == 0.9998
     curve = served_curve(rows, [_entry(((0.0, 0.0, 0.0), 4.0))], floor=0.3)
     assert curve.sensitivity_at(1.0) == 1.0
+
+
+def test_a_component_under_the_first_stages_minimum_diameter_is_not_reported() -> None:
+    """The gateway drops first-stage findings under `thresholds.min_diameter_mm` at the threshold it applies: a
+    component measuring 1.5 mm at p 0.9 (3 mm at 0.5) is no mark at 0.9 with a 2 mm minimum, and is one at 0.5.
+    Rows without measured diameters keep every component (nothing to measure)."""
+    row = _row([([50.0, 0.0, 0.0], 0.95)], [], component_diameters=[[3.0, 1.5]], levels=[0.5, 0.9])
+    assert served_findings(row, 0.9, min_diameter_mm=2.0) == []
+    assert len(served_findings(row, 0.5, min_diameter_mm=2.0)) == 1
+    assert len(served_findings(_row([([50.0, 0.0, 0.0], 0.95)], []), 0.9, min_diameter_mm=2.0)) == 1
+    curve = served_curve([row], [_entry(((0.0, 0.0, 0.0), 10.0))], floor=0.3, min_diameter_mm=2.0)
+    assert curve.fps.tolist() == [0.0]      # the only threshold, 0.95: the component measures 1.5 mm there
