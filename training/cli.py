@@ -63,18 +63,26 @@ def nodule_candidates(logits: np.ndarray, volume: Any, info: Any, floor: float =
     return [(c, p) for c, p, _ in found]
 
 
+def component_labels(prob: np.ndarray, floor: float = CANDIDATE_FLOOR) -> np.ndarray:
+    """Connected components (26-neighbourhood) of the model-grid probability map above `floor`."""
+    from scipy import ndimage
+
+    return ndimage.label(prob > floor, structure=np.ones((3, 3, 3), dtype=bool))[0]
+
+
 def nodule_components(logits: np.ndarray, volume: Any, info: Any, floor: float = CANDIDATE_FLOOR,
                       limit: int = 500, hu: np.ndarray | None = None, min_mean_hu: float | None = None,
-                      max_mean_hu: float | None = None, levels: Sequence[float] = ()
-                      ) -> list[tuple[tuple[float, float, float], float, list[float]]]:
-    """`nodule_candidates` plus, per component, the equivalent-sphere diameter (mm) of its model-grid voxels
-    above each of `levels`: what the gateway's postprocess would measure at that threshold."""
+                      max_mean_hu: float | None = None, labels: np.ndarray | None = None
+                      ) -> list[tuple[tuple[float, float, float], float, int]]:
+    """`nodule_candidates` plus each component's id in `labels` (`component_labels` of the map at `floor`,
+    computed here when not given)."""
     from scipy import ndimage
 
     from inference.postprocess import sigmoid
 
     prob = sigmoid(logits[0])
-    components, n = ndimage.label(prob > floor, structure=np.ones((3, 3, 3), dtype=bool))
+    components = component_labels(prob, floor) if labels is None else labels
+    n = int(components.max(initial=0))
     if n == 0:
         return []
     ids = np.arange(1, n + 1)
@@ -90,11 +98,8 @@ def nodule_components(logits: np.ndarray, volume: Any, info: Any, floor: float =
     keep = ids[np.argsort(-maxima[ids - 1])[:limit]]
     centres = np.asarray(ndimage.center_of_mass(prob, components, keep), dtype=float).reshape(-1, 3)
     source_index = centres * (np.asarray(info.target_spacing) / np.asarray(info.source_spacing))
-    voxel_mm3 = float(np.prod(info.target_spacing))
-    counts = [np.asarray(ndimage.sum(prob > lv, components, keep), dtype=float).reshape(-1) for lv in levels]
-    diameters = [[float((6.0 * c[i] * voxel_mm3 / np.pi) ** (1.0 / 3.0)) for c in counts] for i in range(len(keep))]
-    return [(tuple(float(v) for v in volume.index_to_patient(c)), float(maxima[k - 1]), d)  # type: ignore[misc]
-            for c, k, d in zip(source_index, keep, diameters, strict=True)]
+    return [(tuple(float(v) for v in volume.index_to_patient(c)), float(maxima[k - 1]), int(k))  # type: ignore[misc]
+            for c, k in zip(source_index, keep, strict=True)]
 
 
 def _infer_case(entry: dict[str, Any], card: Any, backend: Any) -> tuple[Any, np.ndarray, Any, np.ndarray]:

@@ -155,8 +155,7 @@ def run(cfg: SecondStageConfig, config_path: Path, log: Any = print) -> dict[str
         cal = split(cfg.calibration)
         cal_rows = scored_split(cal, cfg.run_dir / "scores" / "calibration", cfg.first_stage, onnx, scoring_card,
                                 cfg.workers, log)
-    min_diameter = first.card.thresholds.min_diameter_mm or 0.0
-    op = choose_threshold(cal_rows, cal, cfg.operating_fp_per_scan, cfg.threshold_floor, min_diameter)
+    op = choose_threshold(cal_rows, cal, cfg.operating_fp_per_scan, cfg.threshold_floor, first.card.thresholds)
     log(f"operating point: {json.dumps(op)}")
     figures_dir = Path(tempfile.mkdtemp(prefix="dxgate-figures-"))
     metrics: dict[str, Any] = {"operating_point": op, "heldout": []}
@@ -167,7 +166,7 @@ def run(cfg: SecondStageConfig, config_path: Path, log: Any = print) -> dict[str
                                 scoring_card, cfg.workers, log)
         plot = figures_dir / ("froc.png" if i == 0 else f"froc_{s.seed}.png")
         res = figures(rows, entries, op["probability"], plot, f"{cfg.name} with {first.name}: held-out FROC",
-                      cfg.threshold_floor, min_diameter)
+                      cfg.threshold_floor, first.card.thresholds)
         res["figure"] = plot.name
         metrics["heldout"].append(res)
         log(f"held-out seeds {s.seed}-{s.seed + s.n - 1}: {json.dumps(res)}")

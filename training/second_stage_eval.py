@@ -2,8 +2,10 @@
 
 `score_case` runs one generated CT through the gateway's own first stage (`inference.preprocess`, `model_pass`)
 and candidate scoring (`inference.second_stage.score_candidates`) and keeps every first-stage component (with
-its diameter at `DIAMETER_LEVELS`) and every scored blob. `served_findings` turns such a row into the findings
-the gateway reports at a threshold (a blob beside a finding is the same nodule, `candidate_groups`);
+the source-grid voxels the gateway's postprocess thresholds, `source_voxels`) and every scored blob.
+`served_findings` turns such a row into the findings the gateway reports at a threshold (components measured
+there as the gateway measures them and held to the first stage's `thresholds`; a blob beside a finding is the
+same nodule, `candidate_groups`);
 `served_curve` sweeps that threshold and scores each output by the LUNA16 hit rule. The threshold of the model
 card is chosen on calibration scans by the same curve (`choose_threshold`).
 """
@@ -21,15 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from inference.model_card import ModelCard
+from inference.model_card import ModelCard, Thresholds
 from training.metrics.froc import LUNA16_FP_RATES
 
 Prediction = tuple[tuple[float, float, float], float]
 
-# Probability levels at which each first-stage component's diameter is measured (`score_case`): the gateway
-# measures a finding at the threshold it applies, and suppresses blobs within that finding's radius + 4 mm.
-DIAMETER_LEVELS = (0.3, 0.5, 0.7, 0.8, 0.9, 0.93, 0.95, 0.96, 0.97, 0.98, 0.99, 0.995, 0.999)
-COMPONENT_RADIUS_MM = 2.0    # a component without measured diameters (rows scored before they were kept)
+SOURCE_FLOOR = 0.3           # source voxels kept per component: the lowest threshold the evaluation sweeps
+COMPONENT_RADIUS_MM = 2.0    # a component without measured voxels (rows scored before they were kept)
 
 
 # -- evaluation through the served code, one case per call (runs in worker processes) -----------------
@@ -50,35 +50,80 @@ def _init_worker(first_dir: str, classifier_onnx: str, classifier_card: dict[str
                                            providers=["CPUExecutionProvider"], intra_op_threads=1)
 
 
-def score_case(entry: dict[str, Any]) -> dict[str, Any]:
-    """First-stage FROC components (model grid, p > 0.05) and every scored blob of one case, plus what the
-    served combination reports at the thresholds in the card given to the worker (computed later)."""
-    from inference.second_stage import score_candidates
-    from training.cli import _infer_case, _model_grid_hu, nodule_components
+def source_voxels(prob: np.ndarray, info: Any, volume: Any, labels: np.ndarray, ids: list[int],
+                  floor: float = SOURCE_FLOOR) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """What the gateway's postprocess thresholds, for each first-stage component `ids` of `labels`
+    (`training.cli.component_labels`): the probabilities of its source-grid voxels above `floor` (the linear
+    interpolation of `inference.postprocess.source_components`), descending, with their HU and patient positions
+    (mm) in the same order.
+    Each interpolated component belongs to the model-grid component under its most probable voxel (all labelled
+    corners of one interpolation cell are 26-neighbours, one component); where a component's interpolation falls
+    apart above `floor`, its most probable part is kept."""
+    from inference.postprocess import source_components
 
-    first, card = _STATE["first"], _STATE["card"]
+    scale = np.asarray(info.source_spacing, dtype=float) / np.asarray(info.target_spacing, dtype=float)
+    last = np.asarray(labels.shape) - 1
+    wanted, out = set(ids), {}
+    for box, mask, local in source_components(prob, info, volume.shape, floor):
+        values = local[mask]
+        j = int(np.argmax(values))
+        index = np.argwhere(mask) + [b.start for b in box]
+        corner = np.clip(np.floor(index[j] * scale).astype(int), 0, last)
+        k = int(labels[tuple(slice(c, min(c + 2, t + 1)) for c, t in zip(corner, last, strict=True))].max())
+        if k not in wanted or (k in out and out[k][0][0] >= values[j]):
+            continue
+        order = np.argsort(-values, kind="stable")
+        out[k] = (values[order], np.asarray(volume.voxels[box][mask], dtype=np.float32)[order],
+                  volume.index_to_patient(index[order].astype(float)))
+    return out
+
+
+def first_stage_row(entry: dict[str, Any]) -> dict[str, Any]:
+    """The first-stage part of `score_case`: FROC components (model grid, p > 0.05, those whose model-grid mean HU
+    passes the first stage's min/max_mean_hu, as `training.cli.nodule_candidates`) with their `source_voxels`."""
+    from inference.postprocess import sigmoid
+    from training.cli import _infer_case, _model_grid_hu, component_labels, nodule_components
+
+    first = _STATE["first"]
     t0 = time.perf_counter()
     volume, image, info, logits = _infer_case(entry, first.card, _STATE["first_backend"])
     hu = _model_grid_hu(image, first.card)
+    prob = sigmoid(logits[0])
+    labels = component_labels(prob)
     components = nodule_components(logits, volume, info, hu=hu, min_mean_hu=first.card.thresholds.min_mean_hu,
-                                   max_mean_hu=first.card.thresholds.max_mean_hu, levels=DIAMETER_LEVELS)
-    t1 = time.perf_counter()
-    scored = score_candidates(volume, _STATE["backend"], card)
-    t2 = time.perf_counter()
-    blobs = [(tuple(float(v) for v in m), float(p))
-             for m, p in zip(volume.index_to_patient(scored.source_index), scored.probability, strict=True)]
+                                   max_mean_hu=first.card.thresholds.max_mean_hu, labels=labels)
+    measured = source_voxels(prob, info, volume, labels, [k for _, _, k in components])
+    empty = (np.zeros(0), np.zeros(0), np.zeros((0, 3)))
     return {"seed": entry["seed"], "components": [(c, p) for c, p, _ in components],
-            "component_diameters": [d for _, _, d in components], "diameter_levels": list(DIAMETER_LEVELS),
-            "blobs": blobs,
-            "diameters": scored.diameter_mm.tolist(), "source_index": scored.source_index.tolist(),
-            "first_stage_s": t1 - t0, "second_stage_s": t2 - t1}
+            "source_voxel_mm3": float(volume.voxel_volume_mm3),
+            "component_probs": [measured.get(k, empty)[0].tolist() for _, _, k in components],
+            "component_hu": [np.round(measured.get(k, empty)[1], 1).tolist() for _, _, k in components],
+            "component_mm": [np.round(measured.get(k, empty)[2], 3).tolist() for _, _, k in components],
+            "first_stage_s": time.perf_counter() - t0}
+
+
+def score_case(entry: dict[str, Any]) -> dict[str, Any]:
+    """`first_stage_row` plus every blob of the case scored by the classifier given to the worker."""
+    from inference.second_stage import score_candidates
+    from training.datasets import entry_volume
+
+    row = first_stage_row(entry)
+    volume = entry_volume(entry)
+    t0 = time.perf_counter()
+    scored = score_candidates(volume, _STATE["backend"], _STATE["card"])
+    row["blobs"] = [(tuple(float(v) for v in m), float(p))
+                    for m, p in zip(volume.index_to_patient(scored.source_index), scored.probability, strict=True)]
+    row.update(diameters=scored.diameter_mm.tolist(), source_index=scored.source_index.tolist(),
+               second_stage_s=time.perf_counter() - t0)
+    return row
 
 
 def scored_split(entries: list[dict[str, Any]], cache: Path, first_dir: Path, onnx: Path, card: dict[str, Any],
                  workers: int, log: Any = print) -> list[dict[str, Any]]:
-    """`score_case` for each entry, cached as one JSON per seed under `cache`."""
+    """`score_case` for each entry, cached as one JSON per seed under `cache` (a cached row without source voxels,
+    from before they were kept, is scored again)."""
     cache.mkdir(parents=True, exist_ok=True)
-    todo = [e for e in entries if not (cache / f"{e['seed']}.json").exists()]
+    todo = [e for e in entries if not _current(cache / f"{e['seed']}.json")]
     if todo:
         t0 = time.time()
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
@@ -89,6 +134,10 @@ def scored_split(entries: list[dict[str, Any]], cache: Path, first_dir: Path, on
     return [json.loads((cache / f"{e['seed']}.json").read_text()) for e in entries]
 
 
+def _current(path: Path) -> bool:
+    return path.is_file() and '"component_probs"' in path.read_text(encoding="utf-8")
+
+
 def _truths(entries: list[dict[str, Any]]) -> list[list[tuple[Any, float]]]:
     return [[(n["centre_mm"], n["diameter_mm"]) for n in e["nodules"]] for e in entries]
 
@@ -97,33 +146,106 @@ def _union(rows: list[dict[str, Any]]) -> list[list[Prediction]]:
     return [[(tuple(c), p) for c, p in r["components"]] + [(tuple(c), p) for c, p in r["blobs"]] for r in rows]
 
 
-def _component_radius(row: dict[str, Any], k: int, threshold: float) -> float:
-    """Radius (mm) of first-stage component `k` of a scored case as the gateway measures it at `threshold`
-    (its diameter interpolated between `DIAMETER_LEVELS`)."""
-    levels, diameters = row.get("diameter_levels"), row.get("component_diameters")
-    if not levels or not diameters:
-        return COMPONENT_RADIUS_MM
-    return float(np.interp(threshold, levels, diameters[k])) / 2.0
+@dataclass(frozen=True)
+class ServedCase:
+    """A scored case (`score_case` row) as `served_findings` reads it: first-stage components with their source
+    voxels' probabilities (descending) and running sums of their HU and positions, when the row has them, and the
+    scored blobs."""
+
+    centres: np.ndarray                     # [n, 3] mm, the components' model-grid centres
+    maxima: np.ndarray                      # [n] model-grid maxima (what rows without source voxels report)
+    probs: list[np.ndarray] | None          # per component, source voxel probabilities above SOURCE_FLOOR
+    hu_sums: list[np.ndarray] | None        # per component, running sums of those voxels' HU ...
+    mm_sums: list[np.ndarray] | None        # ... and of their positions [m, 3] (mm)
+    voxel_mm3: float
+    blob_mm: np.ndarray
+    blob_probability: np.ndarray
+    blob_diameters: np.ndarray
+
+    @classmethod
+    def of(cls, row: dict[str, Any] | ServedCase) -> ServedCase:
+        if isinstance(row, ServedCase):
+            return row
+        measured = "component_probs" in row
+        return cls(
+            centres=np.asarray([c for c, _ in row["components"]], dtype=float).reshape(-1, 3),
+            maxima=np.asarray([p for _, p in row["components"]], dtype=float),
+            probs=[np.asarray(v, dtype=float) for v in row["component_probs"]] if measured else None,
+            hu_sums=[np.cumsum(np.asarray(v, dtype=float)) for v in row["component_hu"]] if measured else None,
+            mm_sums=[np.cumsum(np.asarray(v, dtype=float).reshape(-1, 3), axis=0) for v in row["component_mm"]]
+            if measured else None,
+            voxel_mm3=float(row.get("source_voxel_mm3", 0.0)),
+            blob_mm=np.asarray([c for c, _ in row["blobs"]], dtype=float).reshape(-1, 3),
+            blob_probability=np.asarray([p for _, p in row["blobs"]], dtype=float),
+            blob_diameters=np.asarray(row["diameters"], dtype=float))
+
+    def kept(self, k: int, count: np.ndarray | int, limits: Thresholds | None) -> np.ndarray:
+        """Whether component `k` measured on its `count` most probable source voxels passes the first stage's
+        `limits` (min_diameter_mm, min_volume_mm3, min/max_mean_hu), as `inference.postprocess.nodules`."""
+        assert self.hu_sums is not None
+        count = np.asarray(count)
+        ok = count > 0
+        if limits is None:
+            return ok
+        volume = count * self.voxel_mm3
+        ok &= (volume >= limits.min_volume_mm3) & (_diameter(volume) >= limits.min_diameter_mm)
+        if limits.min_mean_hu is not None or limits.max_mean_hu is not None:
+            mean_hu = self.hu_sums[k][np.maximum(count, 1) - 1] / np.maximum(count, 1)
+            ok &= mean_hu >= (limits.min_mean_hu if limits.min_mean_hu is not None else -np.inf)
+            ok &= mean_hu <= (limits.max_mean_hu if limits.max_mean_hu is not None else np.inf)
+        return ok
+
+    def changes(self, limits: Thresholds | None) -> list[float]:
+        """The probabilities at which a component's finding appears or goes as the threshold passes them."""
+        if self.probs is None:
+            return self.maxima.tolist()
+        out: list[float] = []
+        for k, values in enumerate(self.probs):
+            if not len(values):
+                continue
+            ok = self.kept(k, np.arange(len(values) + 1), limits)
+            out += values[np.flatnonzero(ok[1:] != ok[:-1])].tolist()
+        return out
 
 
-def served_findings(row: dict[str, Any], threshold: float, min_diameter_mm: float = 0.0) -> list[Prediction]:
-    """What the gateway reports for a scored case at `threshold`: first-stage components above it (model grid)
-    that measure at least `min_diameter_mm` there (the first stage's `thresholds.min_diameter_mm`; not applied
-    to rows without measured diameters), plus one mark per group of blobs beside them
-    (`inference.second_stage.candidate_groups`: outside each component's radius at that threshold +
-    `SUPPRESS_MM`), at the group's `group_centre`, as `add_candidate_findings` reports them."""
+def _diameter(volume_mm3: np.ndarray | float) -> np.ndarray:
+    """Diameter (mm) of the sphere of that volume, as the gateway reports a finding's size."""
+    return np.cbrt(6.0 * np.asarray(volume_mm3, dtype=float) / np.pi)
+
+
+def first_stage_findings(case: ServedCase, threshold: float, limits: Thresholds | None = None
+                         ) -> list[tuple[np.ndarray, float, float]]:
+    """(centre mm, probability, radius mm) of the first-stage findings the gateway reports at `threshold`: each
+    component's source voxels above it, measured and held to `limits` (the first stage's `thresholds`) as the
+    gateway's postprocess does, at their centroid. Rows without source voxels report components whose model-grid
+    maximum exceeds the threshold at their model-grid centre with a `COMPONENT_RADIUS_MM` radius, without limits."""
+    if case.probs is None or case.mm_sums is None:
+        return [(case.centres[k], float(p), COMPONENT_RADIUS_MM) for k, p in enumerate(case.maxima) if p > threshold]
+    out = []
+    for k, values in enumerate(case.probs):
+        count = int(np.searchsorted(-values, -threshold, side="left"))      # voxels above the threshold
+        if count and bool(case.kept(k, count, limits)):
+            out.append((case.mm_sums[k][count - 1] / count, float(values[0]),
+                        float(_diameter(count * case.voxel_mm3)) / 2.0))
+    return out
+
+
+def served_findings(row: dict[str, Any] | ServedCase, threshold: float, limits: Thresholds | None = None
+                    ) -> list[Prediction]:
+    """What the gateway reports for a scored case at `threshold`: the `first_stage_findings` (`limits`: the first
+    stage's `thresholds`), plus one mark per group of blobs beside them (`inference.second_stage.candidate_groups`:
+    outside each finding's radius + `SUPPRESS_MM`), at the group's `group_centre`, as `add_candidate_findings`
+    reports them."""
     from inference.second_stage import SUPPRESS_MM, candidate_groups, group_centre
 
-    measured = bool(row.get("component_diameters"))
-    first = [(k, np.asarray(c), p) for k, (c, p) in enumerate(row["components"])
-             if p > threshold and not (measured and 2.0 * _component_radius(row, k, threshold) < min_diameter_mm)]
-    taken = [(c, _component_radius(row, k, threshold) + SUPPRESS_MM) for k, c, _ in first]
-    out: list[Prediction] = [(tuple(float(v) for v in c), p) for _, c, p in first]
-    if row["blobs"]:
-        mm = np.asarray([c for c, _ in row["blobs"]], dtype=float)
-        prob = np.asarray([p for _, p in row["blobs"]], dtype=float)
-        groups = candidate_groups(mm, prob, threshold, taken, np.asarray(row["diameters"], dtype=float))
-        out += [(tuple(float(v) for v in group_centre(mm, prob, g)), float(prob[g[0]])) for g in groups]
+    case = ServedCase.of(row)
+    first = first_stage_findings(case, threshold, limits)
+    out: list[Prediction] = [(tuple(float(v) for v in c), p) for c, p, _ in first]
+    if len(case.blob_probability):
+        groups = candidate_groups(case.blob_mm, case.blob_probability, threshold,
+                                  [(c, r + SUPPRESS_MM) for c, _, r in first], case.blob_diameters)
+        out += [(tuple(float(v) for v in group_centre(case.blob_mm, case.blob_probability, g)),
+                 float(case.blob_probability[g[0]])) for g in groups]
     return out
 
 
@@ -156,23 +278,24 @@ class ServedCurve:
 
 
 def served_curve(rows: list[dict[str, Any]], entries: list[dict[str, Any]], floor: float,
-                 max_fp_per_scan: float = max(LUNA16_FP_RATES), min_diameter_mm: float = 0.0) -> ServedCurve:
+                 max_fp_per_scan: float = max(LUNA16_FP_RATES), limits: Thresholds | None = None) -> ServedCurve:
     """`ServedCurve` of scored cases against their generated nodules, down to the first threshold with more than
     `max_fp_per_scan` false positives per scan (lower ones cannot change the sensitivity at that rate or below).
-    `min_diameter_mm` as in `served_findings`."""
+    The thresholds are where a mark appears or goes (blob probabilities, `ServedCase.changes`); `limits` as in
+    `served_findings`."""
     from training.metrics.froc import match_scan
 
     truths = _truths(entries)
-    probs = {float(p) for r in rows for _, p in [*r["components"], *r["blobs"]] if p >= floor}
+    cases = [ServedCase.of(r) for r in rows]
+    probs = {float(p) for c in cases for p in [*c.changes(limits), *c.blob_probability.tolist()] if p >= floor}
     ts = np.asarray(sorted(probs, reverse=True), dtype=float)
     fps, sens = np.zeros(len(ts)), np.zeros(len(ts))
     n = sum(len(t) for t in truths)
     for i, t in enumerate(ts):
         tp = fp = 0
-        for r, truth in zip(rows, truths, strict=True):
+        for case, truth in zip(cases, truths, strict=True):
             # the gateway keeps first-stage voxels at p > threshold and blobs at p >= threshold
-            m = match_scan(served_findings(r, float(np.nextafter(t, -np.inf)), min_diameter_mm), truth,
-                           max_marks=None)
+            m = match_scan(served_findings(case, float(np.nextafter(t, -np.inf)), limits), truth, max_marks=None)
             tp += sum(p is not None for p in m.nodule_probs)
             fp += len(m.fp_probs)
         fps[i], sens[i] = fp / max(len(rows), 1), tp / max(n, 1)
@@ -183,11 +306,11 @@ def served_curve(rows: list[dict[str, Any]], entries: list[dict[str, Any]], floo
 
 
 def choose_threshold(rows: list[dict[str, Any]], entries: list[dict[str, Any]], fp_per_scan: float,
-                     floor: float, min_diameter_mm: float = 0.0) -> dict[str, Any]:
+                     floor: float, limits: Thresholds | None = None) -> dict[str, Any]:
     """The lowest threshold (>= floor) at which the gateway's output (`served_curve`) has at most `fp_per_scan`
     false positives per calibration scan at it and at every higher threshold: halfway between the lowest
     probability kept and the next one down."""
-    curve = served_curve(rows, entries, floor, max(fp_per_scan, *LUNA16_FP_RATES), min_diameter_mm)
+    curve = served_curve(rows, entries, floor, max(fp_per_scan, *LUNA16_FP_RATES), limits)
     over = np.flatnonzero(curve.fps > fp_per_scan)
     k = (int(over[0]) if over.size else len(curve.thresholds)) - 1    # last point before the first one over
     kept = float(curve.thresholds[k]) if k >= 0 else 1.0
@@ -201,7 +324,7 @@ def choose_threshold(rows: list[dict[str, Any]], entries: list[dict[str, Any]], 
 
 
 def figures(rows: list[dict[str, Any]], entries: list[dict[str, Any]], threshold: float,
-            plot: Path | None = None, title: str = "", floor: float = 0.3, min_diameter_mm: float = 0.0
+            plot: Path | None = None, title: str = "", floor: float = SOURCE_FLOOR, limits: Thresholds | None = None
             ) -> dict[str, Any]:
     """Held-out figures: the FROC / CPM of the gateway's output swept over its threshold (`served_curve`, the
     headline), of the raw candidate union (every component and blob a mark, no suppression), of the first stage
@@ -210,10 +333,10 @@ def figures(rows: list[dict[str, Any]], entries: list[dict[str, Any]], threshold
     from training.metrics.plots import plot_froc
 
     truths = _truths(entries)
-    curve = served_curve(rows, entries, floor, min_diameter_mm=min_diameter_mm)
+    curve = served_curve(rows, entries, floor, limits=limits)
     both = froc_cpm(_union(rows), truths)
     alone = froc_cpm([[(tuple(c), p) for c, p in r["components"]] for r in rows], truths)
-    served = [served_findings(r, threshold, min_diameter_mm) for r in rows]
+    served = [served_findings(r, threshold, limits) for r in rows]
     at = froc_cpm(served, truths)
     if plot is not None:
         plot_froc(curve, plot, title=title)
@@ -241,9 +364,10 @@ def figures(rows: list[dict[str, Any]], entries: list[dict[str, Any]], threshold
     }
 
 
-METHOD = ("first stage as served (inference.preprocess + model_pass; components at p > 0.05 on the model grid with "
-          "their diameters at the threshold, training.cli.nodule_components; those under the first stage's "
-          "min_diameter_mm there dropped) plus every blob of inference.candidates "
+METHOD = ("first stage as served (inference.preprocess + model_pass; components at p > 0.05 on the model grid, "
+          "training.cli.nodule_components, each measured at the threshold on its source-grid voxels as the gateway's "
+          "postprocess measures them and held to the first stage's thresholds, training.second_stage_eval."
+          "first_stage_findings) plus every blob of inference.candidates "
           "scored by the exported ONNX classifier (inference.second_stage.score_candidates); the gateway's findings "
           "at each threshold (components above it, blob groups of inference.second_stage.candidate_groups at their "
           "probability-weighted centres) scored by the LUNA16 hit rule (training.second_stage_eval.served_curve): "
