@@ -53,6 +53,11 @@ def softmax(x: np.ndarray, axis: int = 0) -> np.ndarray:
     return e
 
 
+def sphere_diameter_mm(volume_mm3: np.ndarray | float) -> np.ndarray:
+    """Diameter (mm) of the sphere of that volume: how a finding's size is reported."""
+    return (6.0 * np.asarray(volume_mm3, dtype=np.float64) / math.pi) ** (1.0 / 3.0)
+
+
 def _finding(volume: Volume, spec: LabelSpec, centre_zyx: np.ndarray, probability: float, count: int,
              with_diameter: bool) -> Finding:
     volume_mm3 = float(count) * volume.voxel_volume_mm3
@@ -63,7 +68,7 @@ def _finding(volume: Volume, spec: LabelSpec, centre_zyx: np.ndarray, probabilit
         finding_code=_code(spec.finding),  # type: ignore[arg-type]
         centre_mm=tuple(float(v) for v in volume.index_to_patient(centre_zyx)),  # type: ignore[arg-type]
         probability=float(probability),
-        diameter_mm=(6.0 * volume_mm3 / math.pi) ** (1.0 / 3.0) if with_diameter else None,
+        diameter_mm=float(sphere_diameter_mm(volume_mm3)) if with_diameter else None,
         volume_mm3=volume_mm3,
         site_code=_code(spec.site),
         referenced_sop_instance_uid=volume.sop_instance_uids[z],

@@ -121,12 +121,6 @@ def candidate_groups(centres_mm: np.ndarray, probability: np.ndarray, threshold:
     return groups
 
 
-def kept_candidates(centres_mm: np.ndarray, probability: np.ndarray, threshold: float,
-                    taken: list[tuple[np.ndarray, float]], diameters_mm: np.ndarray | None = None) -> list[int]:
-    """Indices of the kept candidates (each `candidate_groups` group's first), most probable first."""
-    return [g[0] for g in candidate_groups(centres_mm, probability, threshold, taken, diameters_mm)]
-
-
 def group_centre(points: np.ndarray, probability: np.ndarray, group: list[int]) -> np.ndarray:
     """Where a group's nodule is reported: its candidates' probability-weighted mean. Overlapping blobs on one
     nodule all score near 1, so the most probable of them is no better placed than the others; on the held-out

@@ -59,7 +59,9 @@ def nodule_candidates(logits: np.ndarray, volume: Any, info: Any, floor: float =
     model-grid image in HU) components averaging below `min_mean_hu` or above `max_mean_hu` are dropped,
     as the gateway's postprocess does. Keeps the `limit` most probable components.
     """
-    found = nodule_components(logits, volume, info, floor, limit, hu, min_mean_hu, max_mean_hu)
+    from inference.postprocess import sigmoid
+
+    found = nodule_components(sigmoid(logits[0]), volume, info, floor, limit, hu, min_mean_hu, max_mean_hu)
     return [(c, p) for c, p, _ in found]
 
 
@@ -70,17 +72,14 @@ def component_labels(prob: np.ndarray, floor: float = CANDIDATE_FLOOR) -> np.nda
     return ndimage.label(prob > floor, structure=np.ones((3, 3, 3), dtype=bool))[0]
 
 
-def nodule_components(logits: np.ndarray, volume: Any, info: Any, floor: float = CANDIDATE_FLOOR,
+def nodule_components(prob: np.ndarray, volume: Any, info: Any, floor: float = CANDIDATE_FLOOR,
                       limit: int = 500, hu: np.ndarray | None = None, min_mean_hu: float | None = None,
                       max_mean_hu: float | None = None, labels: np.ndarray | None = None
                       ) -> list[tuple[tuple[float, float, float], float, int]]:
-    """`nodule_candidates` plus each component's id in `labels` (`component_labels` of the map at `floor`,
-    computed here when not given)."""
+    """`nodule_candidates` of the sigmoid map `prob`, plus each component's id in `labels` (`component_labels` of
+    the map at `floor`, computed here when not given)."""
     from scipy import ndimage
 
-    from inference.postprocess import sigmoid
-
-    prob = sigmoid(logits[0])
     components = component_labels(prob, floor) if labels is None else labels
     n = int(components.max(initial=0))
     if n == 0:

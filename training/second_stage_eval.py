@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from inference.model_card import ModelCard, Thresholds
+from inference.postprocess import sphere_diameter_mm
 from training.metrics.froc import LUNA16_FP_RATES
 
 Prediction = tuple[tuple[float, float, float], float]
@@ -78,9 +79,10 @@ def source_voxels(prob: np.ndarray, info: Any, volume: Any, labels: np.ndarray, 
     return out
 
 
-def first_stage_row(entry: dict[str, Any]) -> dict[str, Any]:
+def first_stage_row(entry: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     """The first-stage part of `score_case`: FROC components (model grid, p > 0.05, those whose model-grid mean HU
-    passes the first stage's min/max_mean_hu, as `training.cli.nodule_candidates`) with their `source_voxels`."""
+    passes the first stage's min/max_mean_hu, as `training.cli.nodule_candidates`) with their `source_voxels`;
+    and the case's volume."""
     from inference.postprocess import sigmoid
     from training.cli import _infer_case, _model_grid_hu, component_labels, nodule_components
 
@@ -90,25 +92,24 @@ def first_stage_row(entry: dict[str, Any]) -> dict[str, Any]:
     hu = _model_grid_hu(image, first.card)
     prob = sigmoid(logits[0])
     labels = component_labels(prob)
-    components = nodule_components(logits, volume, info, hu=hu, min_mean_hu=first.card.thresholds.min_mean_hu,
+    components = nodule_components(prob, volume, info, hu=hu, min_mean_hu=first.card.thresholds.min_mean_hu,
                                    max_mean_hu=first.card.thresholds.max_mean_hu, labels=labels)
     measured = source_voxels(prob, info, volume, labels, [k for _, _, k in components])
     empty = (np.zeros(0), np.zeros(0), np.zeros((0, 3)))
-    return {"seed": entry["seed"], "components": [(c, p) for c, p, _ in components],
-            "source_voxel_mm3": float(volume.voxel_volume_mm3),
-            "component_probs": [measured.get(k, empty)[0].tolist() for _, _, k in components],
-            "component_hu": [np.round(measured.get(k, empty)[1], 1).tolist() for _, _, k in components],
-            "component_mm": [np.round(measured.get(k, empty)[2], 3).tolist() for _, _, k in components],
-            "first_stage_s": time.perf_counter() - t0}
+    row = {"seed": entry["seed"], "components": [(c, p) for c, p, _ in components],
+           "source_voxel_mm3": float(volume.voxel_volume_mm3),
+           "component_probs": [measured.get(k, empty)[0].tolist() for _, _, k in components],
+           "component_hu": [np.round(measured.get(k, empty)[1], 1).tolist() for _, _, k in components],
+           "component_mm": [np.round(measured.get(k, empty)[2], 3).tolist() for _, _, k in components],
+           "first_stage_s": time.perf_counter() - t0}
+    return row, volume
 
 
 def score_case(entry: dict[str, Any]) -> dict[str, Any]:
     """`first_stage_row` plus every blob of the case scored by the classifier given to the worker."""
     from inference.second_stage import score_candidates
-    from training.datasets import entry_volume
 
-    row = first_stage_row(entry)
-    volume = entry_volume(entry)
+    row, volume = first_stage_row(entry)
     t0 = time.perf_counter()
     scored = score_candidates(volume, _STATE["backend"], _STATE["card"])
     row["blobs"] = [(tuple(float(v) for v in m), float(p))
@@ -123,19 +124,25 @@ def scored_split(entries: list[dict[str, Any]], cache: Path, first_dir: Path, on
     """`score_case` for each entry, cached as one JSON per seed under `cache` (a cached row without source voxels,
     from before they were kept, is scored again)."""
     cache.mkdir(parents=True, exist_ok=True)
-    todo = [e for e in entries if not _current(cache / f"{e['seed']}.json")]
+    rows = {e["seed"]: _cached(cache / f"{e['seed']}.json") for e in entries}
+    todo = [e for e in entries if rows[e["seed"]] is None]
     if todo:
         t0 = time.time()
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
                                  initargs=(str(first_dir), str(onnx), card)) as pool:
             for k, r in enumerate(pool.map(score_case, todo), start=1):
                 (cache / f"{r['seed']}.json").write_text(json.dumps(r))
+                rows[r["seed"]] = r
                 log(f"scored {cache.name}: {k}/{len(todo)} cases, {time.time() - t0:.0f} s")
-    return [json.loads((cache / f"{e['seed']}.json").read_text()) for e in entries]
+    return [rows[e["seed"]] for e in entries]  # type: ignore[misc]
 
 
-def _current(path: Path) -> bool:
-    return path.is_file() and '"component_probs"' in path.read_text(encoding="utf-8")
+def _cached(path: Path) -> dict[str, Any] | None:
+    """A cached row, unless missing or from before source voxels were kept."""
+    if not path.is_file():
+        return None
+    row = json.loads(path.read_text(encoding="utf-8"))
+    return row if "component_probs" in row else None
 
 
 def _truths(entries: list[dict[str, Any]]) -> list[list[tuple[Any, float]]]:
@@ -188,7 +195,7 @@ class ServedCase:
         if limits is None:
             return ok
         volume = count * self.voxel_mm3
-        ok &= (volume >= limits.min_volume_mm3) & (_diameter(volume) >= limits.min_diameter_mm)
+        ok &= (volume >= limits.min_volume_mm3) & (sphere_diameter_mm(volume) >= limits.min_diameter_mm)
         if limits.min_mean_hu is not None or limits.max_mean_hu is not None:
             mean_hu = self.hu_sums[k][np.maximum(count, 1) - 1] / np.maximum(count, 1)
             ok &= mean_hu >= (limits.min_mean_hu if limits.min_mean_hu is not None else -np.inf)
@@ -208,11 +215,6 @@ class ServedCase:
         return out
 
 
-def _diameter(volume_mm3: np.ndarray | float) -> np.ndarray:
-    """Diameter (mm) of the sphere of that volume, as the gateway reports a finding's size."""
-    return np.cbrt(6.0 * np.asarray(volume_mm3, dtype=float) / np.pi)
-
-
 def first_stage_findings(case: ServedCase, threshold: float, limits: Thresholds | None = None
                          ) -> list[tuple[np.ndarray, float, float]]:
     """(centre mm, probability, radius mm) of the first-stage findings the gateway reports at `threshold`: each
@@ -226,7 +228,7 @@ def first_stage_findings(case: ServedCase, threshold: float, limits: Thresholds 
         count = int(np.searchsorted(-values, -threshold, side="left"))      # voxels above the threshold
         if count and bool(case.kept(k, count, limits)):
             out.append((case.mm_sums[k][count - 1] / count, float(values[0]),
-                        float(_diameter(count * case.voxel_mm3)) / 2.0))
+                        float(sphere_diameter_mm(count * case.voxel_mm3)) / 2.0))
     return out
 
 
