@@ -51,6 +51,9 @@ class InputSpec(_Strict):
     # test-time augmentation: one extra pass per entry over the image mirrored along these model-grid
     # axes (0 = slice, 1 = row, 2 = column), probabilities averaged (inference.model_pass)
     flips: list[tuple[int, ...]] = []
+    # second stage only (inference.second_stage): the flipped passes re-score just the candidates whose plain
+    # pass scores at least this; the others keep the plain score
+    flip_screen: float = Field(default=0.0, ge=0, lt=1)
 
     _distinct_axes = field_validator("flips")(check_flip_axes)
 

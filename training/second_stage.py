@@ -9,7 +9,8 @@ One command, resumable (each step skips what its output already holds):
 4. one threshold for the combination (first-stage components and scored blobs alike) chosen on the calibration
    scans for <= `operating_fp_per_scan` false positives per scan, and the held-out figures, both through the
    gateway's own code (`inference.pipeline`'s first stage, `inference.second_stage`) and both on what the
-   gateway reports at each threshold (`training.second_stage_eval`: a blob beside a finding is the same nodule);
+   gateway reports at each threshold (`training.second_stage_eval`: a blob beside a finding is the same nodule),
+   with the config's test-time `flips` (written to the card's input);
 5. registration as `models/<name>/` with `first_stage` naming the first-stage model.
 """
 
@@ -25,10 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from inference.candidates import PATCH_MM
-from inference.model_card import ModelCard
+from inference.model_card import ModelCard, check_flip_axes
 from training.candidate_classifier import (
     load_classifier,
     precision,
@@ -79,8 +80,12 @@ class SecondStageConfig(_Strict):
     operating_fp_per_scan: float = 1.0
     threshold_floor: float = 0.3     # the combined threshold is chosen at or above this
     batch_size: int = 128
+    flips: list[tuple[int, ...]] = []    # test-time flips of the patch (inference.second_stage), in the card
+    flip_screen: float = Field(default=0.0, ge=0, lt=1)   # ... for candidates the plain pass scores at least this
     register_to: Path | None = Path("models")
     seed: int = 0
+
+    _flip_axes = field_validator("flips")(check_flip_axes)
 
 
 def load_config(path: Path) -> SecondStageConfig:
@@ -98,7 +103,8 @@ def card_fields(cfg: SecondStageConfig, first_card: ModelCard, probability: floa
         f"the threshold that {first_card.name} did not find are added to its findings.",
         "modality": ["CT"], "body_part": ["CHEST"], "postprocess": "candidates",
         "input": {"name": "image", "spacing_mm": (1.0, 1.0, 1.0), "window": (-1000.0, 400.0),
-                  "roi_size": (PATCH_MM,) * 3, "overlap": 0.0, "batch_size": cfg.batch_size},
+                  "roi_size": (PATCH_MM,) * 3, "overlap": 0.0, "batch_size": cfg.batch_size,
+                  "flips": [list(a) for a in cfg.flips], "flip_screen": cfg.flip_screen},
         "output": {"name": "logits", "activation": "sigmoid", "channels": 1},
         "labels": [label.model_dump() for label in first_card.labels],
         "thresholds": {"probability": probability},

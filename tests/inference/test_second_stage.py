@@ -76,3 +76,57 @@ def test_a_second_stage_card_must_name_its_first_stage_and_only_it() -> None:
         ModelCard.model_validate({**fields, "first_stage": None})
     with pytest.raises(ValueError, match="first_stage"):
         ModelCard.model_validate({**fields, "postprocess": "nodules"})
+
+
+def _weighted_sum_classifier(path, weights: np.ndarray) -> None:
+    """An ONNX classifier whose logit is sum(patch * weights): no symmetry, so every mirror scores differently."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["image", "w"], ["p"]),
+         helper.make_node("ReduceSum", ["p", "axes"], ["logits"], keepdims=1)],
+        "weighted_sum", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["B", 1, 24, 24, 24])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", 1, 1, 1, 1])],
+        [numpy_helper.from_array(weights[None, None].astype(np.float32), "w"),
+         numpy_helper.from_array(np.array([2, 3, 4], dtype=np.int64), "axes")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def test_flipped_passes_rescore_only_candidates_at_or_above_the_screen(tmp_path) -> None:
+    """`input.flips` with `flip_screen`: a candidate scoring >= the screen on its plain patch gets the mean
+    probability of the plain and the mirrored patches (computed here with numpy); the others keep the plain score."""
+    from inference.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from inference.candidates import ISO_MM, chest_candidates, patches, to_iso, to_u8
+    from inference.second_stage import score_candidates
+    from training.synthetic.chest_ct import generate_chest_ct
+
+    weights = np.random.default_rng(5).normal(0.0, 0.05, (24, 24, 24))
+    weights -= weights.mean()                       # logits spread around 0: plain scores either side of 0.5
+    _weighted_sum_classifier(tmp_path / "c.onnx", weights)
+    backend = OnnxRuntimeBackend(tmp_path / "c.onnx", "c", providers=["CPUExecutionProvider"], intra_op_threads=1)
+    sv = generate_chest_ct(11, slices=60, nodules=3, rows=128)
+    vol = Volume(voxels=sv.hu, spacing=tuple(sv.spacing), origin=np.asarray(sv.origin, dtype=float),
+                 direction=np.eye(3), sop_instance_uids=[f"2.25.{i + 1}" for i in range(sv.hu.shape[0])],
+                 modality="CT", frame_of_reference_uid="2.25.1")
+    base = _card().model_dump()
+    base["input"] = {**base["input"], "roi_size": (24, 24, 24)}
+    plain = score_candidates(vol, backend, ModelCard.model_validate(base))
+    flipped_card = ModelCard.model_validate(
+        {**base, "input": {**base["input"], "flips": [[0], [1], [2]], "flip_screen": 0.5}})
+    flipped = score_candidates(vol, backend, flipped_card)
+
+    iso = to_iso(vol.voxels, vol.spacing)
+    index = chest_candidates(iso).index
+    x = patches(to_u8(iso), index, 24).astype(np.float64) / 255.0
+    np.testing.assert_allclose(index * (ISO_MM / np.asarray(vol.spacing)), flipped.source_index)
+    mirrored = [1 / (1 + np.exp(-np.einsum("nzyx,zyx->n", np.flip(x, axes), weights)))
+                for axes in ((), (1,), (2,), (3,))]
+    np.testing.assert_allclose(plain.probability, mirrored[0], atol=1e-5)
+    screened = plain.probability >= 0.5
+    assert 0 < screened.sum() < len(screened), "candidates on both sides of the screen"
+    np.testing.assert_allclose(flipped.probability[~screened], plain.probability[~screened])
+    np.testing.assert_allclose(flipped.probability[screened], np.mean(mirrored, axis=0)[screened], atol=1e-5)
+    assert np.max(np.abs(flipped.probability - plain.probability)) > 0.01, "mirroring changes the scores"

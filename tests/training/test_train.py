@@ -286,6 +286,8 @@ def test_shipped_configs_load_and_match_the_models_they_register(config: Path) -
         second = load_second_stage_config(ROOT / config)
         card = json.loads((ROOT / "models" / second.name / "metadata.json").read_text())
         assert card["first_stage"]["model"] == second.first_stage.name
+        assert [tuple(a) for a in card["input"].get("flips", [])] == [tuple(a) for a in second.flips]
+        assert card["input"].get("flip_screen", 0.0) == second.flip_screen
         assert card["training"]["command"].endswith(f"--config {config}")
         return
     cfg = load_config(ROOT / config)
