@@ -144,10 +144,13 @@ def candidate_groups(centres_mm: np.ndarray, probability: np.ndarray, threshold:
 
 
 def group_centre(points: np.ndarray, probability: np.ndarray, group: list[int]) -> np.ndarray:
-    """Where a group's nodule is reported: its candidates' probability-weighted mean. Overlapping blobs on one
-    nodule all score near 1, so the most probable of them is no better placed than the others; on the held-out
-    CTs it lay up to 3 mm off a small nodule's centre, outside it."""
-    w = np.asarray(probability, dtype=float)[group]
+    """Where a group's nodule is reported: its candidates' mean weighted by their odds p / (1 - p). Overlapping
+    blobs on one nodule all score near 1 and share the weight (on the held-out CTs the most probable lay up to 3 mm
+    off a small nodule's centre, outside it), while a less certain blob beside the nodule (a vessel, the pleura)
+    barely moves the mark: a p = 0.95 blob 4.3 mm from a 4 mm nodule's p = 0.999 one shifted a probability-weighted
+    mean out of the nodule."""
+    p = np.clip(np.asarray(probability, dtype=float)[group], 1e-6, 1.0 - 1e-6)
+    w = p / (1.0 - p)
     return (w[:, None] * np.asarray(points, dtype=float)[group]).sum(axis=0) / w.sum()
 
 

@@ -372,7 +372,7 @@ METHOD = ("first stage as served (inference.preprocess + model_pass; components 
           "first_stage_findings) plus every blob of inference.candidates "
           "scored by the exported ONNX classifier (inference.second_stage.score_candidates); the gateway's findings "
           "at each threshold (components above it, blob groups of inference.second_stage.candidate_groups at their "
-          "probability-weighted centres) scored by the LUNA16 hit rule (training.second_stage_eval.served_curve): "
+          "odds-weighted centres) scored by the LUNA16 hit rule (training.second_stage_eval.served_curve): "
           "sensitivity at 1 FP/scan and CPM of that curve; candidate_union is the LUNA16 FROC of every component "
           "and blob as a mark, without suppression; one threshold for both stages, chosen on the calibration scans "
           "by the same curve")

@@ -7,7 +7,7 @@ import pytest
 
 from inference.findings import Code, Finding
 from inference.model_card import ModelCard
-from inference.second_stage import ScoredCandidates, add_candidate_findings
+from inference.second_stage import ScoredCandidates, add_candidate_findings, group_centre
 from inference.volume import Volume
 
 
@@ -44,9 +44,9 @@ def test_blobs_below_threshold_inside_a_finding_or_beside_a_kept_blob_are_droppe
     label_map = np.zeros(vol.shape, dtype=np.uint8)
     out = add_candidate_findings(scored, vol, card, [first], label_map)
     assert len(out) == 1 and out[0].probability == pytest.approx(0.8)
-    # reported between the kept blob and the one it absorbed, weighted by probability; the blob inside the
-    # first-stage finding pulls it nowhere
-    centre = np.array([30.0, 40.0 + 4.0 * 0.7 / 1.5, 40.0])
+    # reported between the kept blob and the one it absorbed, weighted by their odds (4 and 7/3); the blob inside
+    # the first-stage finding pulls it nowhere
+    centre = np.array([30.0, 40.0 + 4.0 * (7 / 3) / (4 + 7 / 3), 40.0])
     assert np.allclose(out[0].centre_mm, vol.index_to_patient(centre), atol=1e-5)
     assert out[0].diameter_mm == pytest.approx(4.0) and out[0].referenced_sop_instance_uid == "2.25.31"
     painted = np.argwhere(label_map == 1)
@@ -130,3 +130,13 @@ def test_flipped_passes_rescore_only_candidates_at_or_above_the_screen(tmp_path)
     np.testing.assert_allclose(flipped.probability[~screened], plain.probability[~screened])
     np.testing.assert_allclose(flipped.probability[screened], np.mean(mirrored, axis=0)[screened], atol=1e-5)
     assert np.max(np.abs(flipped.probability - plain.probability)) > 0.01, "mirroring changes the scores"
+
+
+def test_a_group_is_reported_at_its_odds_weighted_centre() -> None:
+    """Two near-certain blobs on one nodule share the mark; a less certain one beside it barely moves it."""
+    points = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 2.6], [0.0, 4.3, 0.0]])
+    both = group_centre(points, np.array([0.9986, 0.9993, 0.0]), [1, 0])     # odds 713 and 1427
+    np.testing.assert_allclose(both, [0.0, 0.0, 2.6 * 1427 / (1427 + 713)], atol=0.01)
+    beside = group_centre(points, np.array([0.9991, 0.0, 0.9503]), [0, 2])   # odds 1110 and 19
+    assert np.linalg.norm(beside) < 0.1, "the vessel-side blob does not pull the mark off a 4 mm nodule"
+    assert np.linalg.norm(group_centre(points, np.array([1.0, 1.0, 1.0]), [0, 1])) > 0.5, "p = 1 does not divide by 0"
