@@ -107,12 +107,14 @@ def test_the_sweep_stops_past_the_highest_fp_rate_it_reports() -> None:
 
 def test_blobs_of_one_nodule_are_reported_at_their_weighted_centre() -> None:
     """Two blobs near 1 on either side of a 4 mm nodule's centre, each 2.2 mm off (outside its 2 mm radius): the
-    most probable alone would miss it, the group's centre hits it. A first-stage finding's own blobs stay out."""
+    most probable alone would miss it, the group's odds-weighted centre (0.73 mm off) hits it. A first-stage
+    finding's own blobs stay out."""
     blobs = [([2.2, 0.0, 0.0], 0.9998), ([-2.2, 0.0, 0.0], 0.9996), ([40.0, 0.0, 0.0], 0.999)]
     rows = [_row([([41.0, 0.0, 0.0], 0.99)], blobs)]
     marks = served_findings(rows[0], 0.9)
     assert len(marks) == 2 and marks[0] == ((41.0, 0.0, 0.0), 0.99)
-    assert np.allclose(marks[1][0], [2.2 * (0.9998 - 0.9996) / (0.9998 + 0.9996), 0, 0]) and marks[1][1] == 0.9998
+    o1, o2 = 0.9998 / 0.0002, 0.9996 / 0.0004                     # weights: the odds p / (1 - p)
+    assert np.allclose(marks[1][0], [2.2 * (o1 - o2) / (o1 + o2), 0, 0]) and marks[1][1] == 0.9998
     curve = served_curve(rows, [_entry(((0.0, 0.0, 0.0), 4.0))], floor=0.3)
     assert curve.sensitivity_at(1.0) == 1.0
 
