@@ -8,9 +8,9 @@ diameter of the blob's best LoG scale and a sphere of that size in the label map
 
 Test-time flips (`card.input.flips`, as for the first stage, `inference.model_pass`): each candidate whose plain
 score is at least `card.input.flip_screen` is scored again on its patch mirrored along each listed axis, and its
-probability is the mean of the plain and mirrored passes. With flips along z, y and x and a screen of 0.5 this
-costs about 60 more patches per CT (of ~3000), and any threshold at or above (0.5 + 3) / 4 = 0.875 keeps exactly
-the candidates that flipping every patch would.
+probability is the mean of the plain and mirrored passes. With flips along z, y and x and a screen of 0.5,
+40-50 candidates per CT (of ~3000) pass, about 140 more patches, and any threshold at or above
+(0.5 + 3) / 4 = 0.875 keeps exactly the candidates that flipping every patch would.
 """
 
 from __future__ import annotations
