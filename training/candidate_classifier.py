@@ -89,17 +89,18 @@ def _block(i: int, o: int) -> nn.Module:
 class CandidateNet(nn.Module):
     """Nodule-or-not logit of a 24 mm patch at 1 mm: [N, 1, 24, 24, 24] in [0, 1] -> [N, 1, 1, 1, 1].
 
-    0.18 M parameters; one convolution at full resolution, two at each of the three coarser scales (a training
-    step of 64 patches takes about 0.75 s on 2 AVX2 cores without bfloat16, 0.14 s with AMX). The output keeps
-    five axes so the model folder has the same Triton layout as the segmentation models
-    (`training.register.config_pbtxt`)."""
+    0.18 M parameters: a stride-2 3x3x3 stem (24 -> 12 voxels), then one convolution at 12, two at 6 and one at 3
+    voxels. The stem, instead of a full-resolution convolution and a pooling, makes a 64-patch bfloat16 training
+    step about 3 times faster on 2 CPU cores (63 against 184 ms, AVX512-BF16), so a round's minutes hold about
+    2.5 times the steps (painting included). The output keeps five axes so the model folder has the same Triton
+    layout as the segmentation models (`training.register.config_pbtxt`)."""
 
-    def __init__(self, channels: tuple[int, int, int] = (12, 24, 48)) -> None:
+    def __init__(self, channels: tuple[int, int, int] = (16, 32, 48)) -> None:
         super().__init__()
         a, b, c = channels
-        self.f = nn.Sequential(_block(1, a), nn.MaxPool3d(2), _block(a, b), _block(b, b),
-                               nn.MaxPool3d(2), _block(b, c), _block(c, c), nn.MaxPool3d(2), _block(c, c),
-                               nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(c, 1))
+        self.f = nn.Sequential(nn.Conv3d(1, a, 3, stride=2, padding=1, bias=False), nn.BatchNorm3d(a),
+                               nn.ReLU(inplace=True), _block(a, b), nn.MaxPool3d(2), _block(b, c), _block(c, c),
+                               nn.MaxPool3d(2), _block(c, c), nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(c, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.f(x)[:, :, None, None, None]

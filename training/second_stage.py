@@ -7,7 +7,8 @@ One command, resumable (each step skips what its output already holds):
 3. patches of further CTs whose negatives are mostly the ones the round-1 classifier scores highest (hard
    negatives), and the round-1 classifier fine-tuned on both rounds;
 4. one threshold for the combination (first-stage components and scored blobs alike) chosen on the calibration
-   scans for <= `operating_fp_per_scan` false positives per scan, and the held-out figures, both through the
+   scans for <= `operating_fp_per_scan` false positives per scan (with `operating_confidence`, that sure of it on
+   unseen scans: `training.second_stage_eval.false_positive_budget`), and the held-out figures, both through the
    gateway's own code (`inference.pipeline`'s first stage, `inference.second_stage`) and both on what the
    gateway reports at each threshold (`training.second_stage_eval`: a blob beside a finding is the same nodule),
    with the config's test-time `flips` (written to the card's input);
@@ -78,6 +79,7 @@ class SecondStageConfig(_Strict):
     calibration: Split
     test: list[Split] = []
     operating_fp_per_scan: float = 1.0
+    operating_confidence: float | None = Field(default=None, gt=0, lt=1)   # ... on unseen scans, this sure
     threshold_floor: float = 0.3     # the combined threshold is chosen at or above this
     batch_size: int = 128
     flips: list[tuple[int, ...]] = []    # test-time flips of the patch (inference.second_stage), in the card
@@ -161,7 +163,8 @@ def run(cfg: SecondStageConfig, config_path: Path, log: Any = print) -> dict[str
         cal = split(cfg.calibration)
         cal_rows = scored_split(cal, cfg.run_dir / "scores" / "calibration", cfg.first_stage, onnx, scoring_card,
                                 cfg.workers, log)
-    op = choose_threshold(cal_rows, cal, cfg.operating_fp_per_scan, cfg.threshold_floor, first.card.thresholds)
+    op = choose_threshold(cal_rows, cal, cfg.operating_fp_per_scan, cfg.threshold_floor, first.card.thresholds,
+                          cfg.operating_confidence)
     log(f"operating point: {json.dumps(op)}")
     figures_dir = Path(tempfile.mkdtemp(prefix="dxgate-figures-"))
     metrics: dict[str, Any] = {"operating_point": op, "heldout": []}

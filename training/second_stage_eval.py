@@ -307,18 +307,39 @@ def served_curve(rows: list[dict[str, Any]], entries: list[dict[str, Any]], floo
     return ServedCurve(ts, fps, sens, n, len(rows))
 
 
+def false_positive_budget(scans: int, fp_per_scan: float, confidence: float) -> int:
+    """The most false positives `scans` calibration scans may show for the rate on unseen scans to be at most
+    `fp_per_scan` with one-sided `confidence`: the largest count whose exact (Garwood, chi-squared) Poisson upper
+    confidence bound is <= fp_per_scan * scans. 10 scans, 1 FP/scan, 0.9: 5 (bound 9.27; 6 would give 10.53)."""
+    from scipy.stats import chi2
+
+    n = 0
+    while chi2.ppf(confidence, 2 * (n + 2)) / 2 <= fp_per_scan * scans:
+        n += 1
+    return n
+
+
 def choose_threshold(rows: list[dict[str, Any]], entries: list[dict[str, Any]], fp_per_scan: float,
-                     floor: float, limits: Thresholds | None = None) -> dict[str, Any]:
+                     floor: float, limits: Thresholds | None = None, confidence: float | None = None
+                     ) -> dict[str, Any]:
     """The lowest threshold (>= floor) at which the gateway's output (`served_curve`) has at most `fp_per_scan`
     false positives per calibration scan at it and at every higher threshold: halfway between the lowest
-    probability kept and the next one down."""
-    curve = served_curve(rows, entries, floor, max(fp_per_scan, *LUNA16_FP_RATES), limits)
-    over = np.flatnonzero(curve.fps > fp_per_scan)
+    probability kept and the next one down. With `confidence`, at most `false_positive_budget` of them over the
+    calibration scans instead, so that unseen scans stay under `fp_per_scan` with that confidence (a handful of
+    calibration scans estimates the rate only roughly)."""
+    target = fp_per_scan
+    budget: int | None = None
+    if confidence is not None:
+        budget = false_positive_budget(len(entries), fp_per_scan, confidence)
+        target = budget / max(len(entries), 1)
+    curve = served_curve(rows, entries, floor, max(target, *LUNA16_FP_RATES), limits)
+    over = np.flatnonzero(curve.fps > target + 1e-9)
     k = (int(over[0]) if over.size else len(curve.thresholds)) - 1    # last point before the first one over
     kept = float(curve.thresholds[k]) if k >= 0 else 1.0
     dropped = float(curve.thresholds[k + 1]) if k + 1 < len(curve.thresholds) else floor
     threshold = float(np.clip(0.5 * (kept + dropped), floor, 1.0 - 1e-6))
     return {"probability": threshold, "target_fp_per_scan": fp_per_scan,
+            **({"confidence": confidence, "calibration_fp_budget": budget} if confidence is not None else {}),
             "calibration_fp_per_scan": float(curve.fps[k]) if k >= 0 else 0.0,
             "calibration_sensitivity": float(curve.sensitivity[k]) if k >= 0 else 0.0,
             "calibration_nodules": curve.n_nodules, "calibration_scans": len(entries),
