@@ -32,7 +32,7 @@ def second_stage(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "calibration": {"dir": str(root / "data"), "section": "calibration", "n": 2, "seed": 6000, "rows": 128,
                         "slices": 60},
         "test": [{"dir": str(root / "data"), "section": "test", "n": 2, "seed": 9000, "rows": 128, "slices": 60}],
-        "register_to": str(models), "batch_size": 64,
+        "register_to": str(models), "batch_size": 64, "operating_confidence": 0.9,
     }))
     out = run(load_config(config), config, log=lambda s: None)
     assert out["registered"] == str(models / "lung_nodule_candidates_ct")
@@ -45,6 +45,9 @@ def test_the_command_registers_a_second_stage_naming_its_first(second_stage: Pat
     assert card.postprocess == "candidates" and card.first_stage is not None
     assert card.first_stage.model == "lung_nodule_ct"
     assert 0.3 <= card.thresholds.probability < 1 and card.first_stage.probability == card.thresholds.probability
+    # two calibration scans cannot bound the rate under 1 FP/scan with 90 % confidence even with none: budget 0
+    op = card.metrics["operating_point"]
+    assert op["confidence"] == 0.9 and op["calibration_fp_budget"] == 0 and op["calibration_fp_per_scan"] == 0
     assert "not for clinical use" in card.intended_use.lower()
     held = card.metrics["heldout"][0]
     assert held["cases"] == 2 and 0 <= held["sensitivity_at_1fp_per_scan"] <= 1

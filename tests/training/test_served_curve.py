@@ -14,6 +14,7 @@ from inference.model_card import Thresholds
 from training.second_stage_eval import (
     ServedCase,
     choose_threshold,
+    false_positive_budget,
     figures,
     first_stage_findings,
     served_curve,
@@ -83,6 +84,30 @@ def test_the_served_curve_counts_hits_and_false_positives_at_each_threshold() ->
     assert held["sensitivity_at_1fp_per_scan"] == 1.0 and held["operating_point"]["fp_per_scan"] == 0.5
     assert held["operating_point"]["found_by_size"] == {"3-6 mm": "0/0", "6-10 mm": "0/1", "10-30 mm": "1/1"}
     assert 0 <= held["candidate_union"]["cpm"] <= 1
+
+
+def test_the_false_positive_budget_is_the_exact_poisson_upper_bound() -> None:
+    """One-sided upper bounds from chi-squared tables: at 90 %, 5 events -> 9.27, 6 -> 10.53; at 95 %,
+    4 -> 9.15, 5 -> 10.51; none on one scan still bounds the rate only at 2.30."""
+    assert false_positive_budget(10, 1.0, 0.9) == 5
+    assert false_positive_budget(10, 1.0, 0.95) == 4
+    assert false_positive_budget(20, 0.5, 0.9) == 5
+    assert false_positive_budget(1, 1.0, 0.9) == 0
+
+
+def test_with_a_confidence_the_threshold_keeps_only_the_budgeted_false_positives() -> None:
+    """Ten calibration scans, each a 10 mm nodule hit by a blob at 0.95 and one false positive blob at
+    0.50, 0.54, ... 0.86. Ten FPs are 1 per scan, so the plain rule goes down to the floor; 90 % sure of <= 1 per
+    unseen scan allows five (0.86 ... 0.70): the cut lies halfway between 0.70 and 0.66."""
+    rows = [_row([], [([0.0, 0.0, 0.0], 0.95), ([60.0, 0.0, 0.0], 0.5 + 0.04 * i)]) for i in range(10)]
+    entries = [_entry(((0.0, 0.0, 0.0), 10.0)) for _ in range(10)]
+    plain = choose_threshold(rows, entries, 1.0, floor=0.3)
+    assert plain["probability"] == pytest.approx(0.4) and plain["calibration_fp_per_scan"] == 1.0
+    assert "confidence" not in plain
+    sure = choose_threshold(rows, entries, 1.0, floor=0.3, confidence=0.9)
+    assert sure["probability"] == pytest.approx(0.68) and sure["calibration_fp_per_scan"] == 0.5
+    assert sure["calibration_fp_budget"] == 5 and sure["confidence"] == 0.9
+    assert sure["target_fp_per_scan"] == 1.0 and sure["calibration_sensitivity"] == 1.0
 
 
 def test_a_second_mark_on_a_hit_nodule_is_neither_a_hit_nor_a_false_positive() -> None:
