@@ -310,7 +310,8 @@ def served_curve(rows: list[dict[str, Any]], entries: list[dict[str, Any]], floo
 def false_positive_budget(scans: int, fp_per_scan: float, confidence: float) -> int:
     """The most false positives `scans` calibration scans may show for the rate on unseen scans to be at most
     `fp_per_scan` with one-sided `confidence`: the largest count whose exact (Garwood, chi-squared) Poisson upper
-    confidence bound is <= fp_per_scan * scans. 10 scans, 1 FP/scan, 0.9: 5 (bound 9.27; 6 would give 10.53)."""
+    confidence bound is <= fp_per_scan * scans, or 0 when too few scans bound the rate even with none.
+    10 scans, 1 FP/scan, 0.9: 5 (bound 9.27; 6 would give 10.53)."""
     from scipy.stats import chi2
 
     n = 0
