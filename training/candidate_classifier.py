@@ -92,8 +92,9 @@ class CandidateNet(nn.Module):
     0.18 M parameters: a stride-2 3x3x3 stem (24 -> 12 voxels), then one convolution at 12, two at 6 and one at 3
     voxels. The stem, instead of a full-resolution convolution and a pooling, makes a 64-patch bfloat16 training
     step about 3 times faster on 2 CPU cores (63 against 184 ms, AVX512-BF16), so a round's minutes hold about
-    3 times the steps (the shipped run: 6579 + 5137 + 4906 against 2200 + 1835 + 1810). The output keeps five axes so the model folder has the same Triton
-    layout as the segmentation models (`training.register.config_pbtxt`)."""
+    3 times the steps (the shipped run: 6579 + 5137 + 4906 against 2200 + 1835 + 1810).
+    The output keeps five axes so the model folder has the same Triton layout as the segmentation models
+    (`training.register.config_pbtxt`)."""
 
     def __init__(self, channels: tuple[int, int, int] = (16, 32, 48)) -> None:
         super().__init__()
