@@ -228,15 +228,28 @@ def write_patches(out: Path, seeds: Sequence[int], hard: Path | None = None, wor
             log(f"patches {out.name}: {k}/{len(todo)} CTs, {time.time() - t0:.0f} s")
 
 
-def train_classifier(patch_dirs: list[Path], out: Path, minutes: float, lr: float = 2e-3, seed: int = 0,
-                     init: Path | None = None, painted: int = 0, log: Callable[[str], None] = print
-                     ) -> dict[str, float]:
-    """Train `CandidateNet` for `minutes` (cosine lr over that time; 16 positives + 48 negatives a batch, up to
-    `painted` of those negatives made positives by `paint_nodules`), on the GPU when there is one
-    (`training_device`; the checkpoint loads on the CPU either way).
+VALIDATE_EVERY = 200           # steps between validations, log flushes and resumable checkpoints
+
+
+def train_classifier(patch_dirs: list[Path], out: Path, steps: int | None = None, minutes: float | None = None,
+                     lr: float = 2e-3, seed: int = 0, init: Path | None = None, painted: int = 0,
+                     log: Callable[[str], None] = print, progress: bool = False,
+                     validate_every: int = VALIDATE_EVERY) -> dict[str, float]:
+    """Train `CandidateNet` for `steps` (deterministic: the same seed and data give the same weights on the same
+    machine) or for `minutes` of wall time (the steps then depend on the machine), with a cosine learning rate
+    over that budget; 16 positives + 48 negatives a batch, up to `painted` of those negatives made positives by
+    `paint_nodules`; on the GPU when there is one (`training_device`; the weights load on the CPU either way).
 
     The first 4 files (by name) of the first folder and the first 2 of each further one are validation; `init`
-    starts from a trained classifier. Returns the last validation figures."""
+    starts from a trained classifier. Every `validate_every` steps: a row of validation figures in the log, and
+    `out` plus `<out>.last.pt` (weights, optimiser, step and random states); a call that finds `<out>.last.pt`
+    resumes from it, so an interrupted step-budget round ends with the weights of an uninterrupted one. One CSV
+    row per step in `<out>.csv` (step, loss, lr, validation, seconds), TensorBoard under `tb/<out stem>` when
+    installed. Returns the last validation figures."""
+    if (steps is None) == (minutes is None):
+        raise ValueError("give a round either steps or minutes")
+    from training.run_log import TrainingLog
+
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
 
@@ -260,28 +273,68 @@ def train_classifier(patch_dirs: list[Path], out: Path, minutes: float, lr: floa
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     loss_fn = nn.BCEWithLogitsLoss()
     painter = nodule_painter(seed) if painted else None
-    t0, total, step, figures, n_painted = time.time(), minutes * 60.0, 0, {}, 0
-    while time.time() - t0 < total:
-        net.train()
-        for g in opt.param_groups:
-            g["lr"] = lr * 0.5 * (1 + np.cos(np.pi * min(1.0, (time.time() - t0) / total)))
-        bi = np.concatenate([rng.choice(pos, 16), rng.choice(neg, 48)])
-        xb, yb = _augment(x[bi], rng), y[bi].copy()
+    step, earlier, figures, n_painted = 0, 0.0, {}, 0
+    last = out.with_suffix(".last.pt")
+    if last.is_file():
+        state = torch.load(last, map_location=device, weights_only=False)
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["opt"])
+        rng.bit_generator.state = state["rng"]
         if painter is not None:
-            n_painted += paint_nodules(xb, yb, painter, painted)
-        with _autocast(device):
-            logit = net(_tensor(xb, device)).reshape(-1)
-        loss = loss_fn(logit.float(), torch.from_numpy(yb.astype(np.float32)).to(device))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        step += 1
-        if step % 200 == 0:
-            sv = score(net, xv)
-            th = float(np.quantile(sv[yv == 1], 0.05))
-            figures = {"step": step, "seconds": round(time.time() - t0, 1), "loss": round(float(loss.item()), 4),
-                       "negatives_at_95pc_sensitivity": round(float(np.mean(sv[yv == 0] >= th)), 5)}
-            log(json.dumps(figures))
-            torch.save(net.state_dict(), out)
+            painter.R.set_state(state["painter"])
+        step, earlier, figures, n_painted = state["step"], state["seconds"], state["figures"], state["painted"]
+        log(f"resuming {out.name} at step {step}")
+    total = steps if steps is not None else (minutes or 0.0) * 60.0
+    t0 = time.time() - earlier
+
+    def fraction() -> float:   # of the budget spent
+        return min(1.0, step / total if steps is not None else (time.time() - t0) / total)
+
+    run_log = TrainingLog(out.with_suffix(".csv"), step, "negatives_at_95pc_sensitivity", out.parent / "tb" / out.stem)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, initial=step, desc=f"train {out.stem}", unit="step")
+    try:
+        while fraction() < 1.0:
+            net.train()
+            rate = lr * 0.5 * (1 + np.cos(np.pi * fraction()))
+            for g in opt.param_groups:
+                g["lr"] = rate
+            bi = np.concatenate([rng.choice(pos, 16), rng.choice(neg, 48)])
+            xb, yb = _augment(x[bi], rng), y[bi].copy()
+            if painter is not None:
+                n_painted += paint_nodules(xb, yb, painter, painted)
+            with _autocast(device):
+                logit = net(_tensor(xb, device)).reshape(-1)
+            loss = loss_fn(logit.float(), torch.from_numpy(yb.astype(np.float32)).to(device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            val = None
+            if step % validate_every == 0 or fraction() >= 1.0:
+                sv = score(net, xv)
+                th = float(np.quantile(sv[yv == 1], 0.05))
+                val = float(np.mean(sv[yv == 0] >= th))
+                figures = {"step": step, "seconds": round(time.time() - t0, 1), "loss": round(float(loss.item()), 4),
+                           "negatives_at_95pc_sensitivity": round(val, 5)}
+            run_log.row(step, float(loss.item()), rate, val, time.time() - t0)
+            if val is not None:
+                log(json.dumps(figures))
+                torch.save(net.state_dict(), out)
+                state = {"net": net.state_dict(), "opt": opt.state_dict(), "rng": rng.bit_generator.state,
+                         "painter": None if painter is None else painter.R.get_state(), "step": step,
+                         "seconds": time.time() - t0, "figures": figures, "painted": n_painted}
+                torch.save(state, last.with_suffix(".tmp"))
+                last.with_suffix(".tmp").replace(last)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss.item()):.3f}")
+    finally:
+        run_log.close()
+        if bar is not None:
+            bar.close()
     torch.save(net.state_dict(), out)
     return {**figures, "steps": step, "painted": n_painted, "device": device.type}

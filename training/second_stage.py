@@ -3,7 +3,8 @@
 One command, resumable (each step skips what its output already holds):
 
 1. patches of generated chest CTs' blob candidates, round 1 (random negatives), `training.candidate_classifier`;
-2. `CandidateNet` trained on them;
+2. `CandidateNet` trained on them for the round's steps (or minutes), with a CSV log and a checkpoint to resume
+   from every 200 steps (`train_classifier`);
 3. patches of further CTs whose negatives are mostly the ones the round-1 classifier scores highest (hard
    negatives), and the round-1 classifier fine-tuned on both rounds;
 4. one threshold for the combination (first-stage components and scored blobs alike) chosen on the calibration
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from inference.candidates import PATCH_MM
 from inference.model_card import ModelCard, check_flip_axes
@@ -49,7 +50,8 @@ class _Strict(BaseModel):
 
 class Round(_Strict):
     seeds: tuple[int, int]          # first, last + 1
-    minutes: float = Field(gt=0)
+    steps: int | None = Field(default=None, gt=0)      # a budget of steps: the same weights on every run ...
+    minutes: float | None = Field(default=None, gt=0)  # ... or of wall time (the steps depend on the machine)
     lr: float = Field(gt=0)
     hard: bool = False              # negatives mined with the previous round's classifier; fine-tunes it
     rows: int = 512                 # generated CT size (smaller only for tests)
@@ -89,6 +91,13 @@ class SecondStageConfig(_Strict):
 
     _flip_axes = field_validator("flips")(check_flip_axes)
 
+    @model_validator(mode="after")
+    def _one_budget(self) -> SecondStageConfig:
+        for k, r in enumerate(self.rounds, start=1):
+            if (r.steps is None) == (r.minutes is None):
+                raise ValueError(f"round {k}: give either steps or minutes")
+        return self
+
 
 def load_config(path: Path) -> SecondStageConfig:
     return SecondStageConfig.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
@@ -119,7 +128,7 @@ def _classifier_card_for_scoring(cfg: SecondStageConfig, first_card: ModelCard) 
     return {**card_fields(cfg, first_card, 0.5, 0.5), "version": "eval", "weights_sha256": "0" * 64}
 
 
-def run(cfg: SecondStageConfig, config_path: Path, log: Any = print) -> dict[str, Any]:
+def run(cfg: SecondStageConfig, config_path: Path, log: Any = print, progress: bool = False) -> dict[str, Any]:
     """Every step of the module docstring; returns the card's metrics (and the model folder, when registered)."""
     from inference.model_repo import load_model
     from training.datasets import generate_dataset
@@ -130,7 +139,7 @@ def run(cfg: SecondStageConfig, config_path: Path, log: Any = print) -> dict[str
     first = load_model(cfg.first_stage)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     timings = PhaseTimes(cfg.run_dir / "timings.json")
-    steps: list[int] = []          # a round trains for minutes, so its steps depend on the machine: recorded
+    steps: list[int] = []          # recorded: with a budget in minutes they depend on the machine
     dirs: list[Path] = []
     previous: Path | None = None
     for k, rnd in enumerate(cfg.rounds, start=1):
@@ -143,8 +152,9 @@ def run(cfg: SecondStageConfig, config_path: Path, log: Any = print) -> dict[str
         done = ckpt.with_suffix(".json")
         if not done.exists():
             with timings.phase(f"train_{k}_s"):
-                res = train_classifier(list(dirs), ckpt, rnd.minutes, lr=rnd.lr, seed=cfg.seed,
-                                       init=previous if rnd.hard else None, painted=rnd.painted, log=log)
+                res = train_classifier(list(dirs), ckpt, rnd.steps, rnd.minutes, lr=rnd.lr, seed=cfg.seed,
+                                       init=previous if rnd.hard else None, painted=rnd.painted, log=log,
+                                       progress=progress)
             done.write_text(json.dumps(res))
         steps.append(int(json.loads(done.read_text())["steps"]))
         previous = ckpt
@@ -214,5 +224,5 @@ def train_command(config: Path) -> int:
         print(f"dxgate train: first stage {cfg.first_stage} is not a model folder", file=sys.stderr)
         return 2
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    print(json.dumps(run(cfg, config, log=lambda s: print(s, flush=True)), indent=1))
+    print(json.dumps(run(cfg, config, log=lambda s: print(s, flush=True), progress=sys.stderr.isatty()), indent=1))
     return 0

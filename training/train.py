@@ -9,7 +9,6 @@ installed), periodic sliding-window validation, `last.pt` for resume and `best.p
 
 from __future__ import annotations
 
-import csv
 import math
 import time
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from training.datasets import generate_dataset
 from training.hard_negatives import CASE_KEY, HardNegativeIndicesd, HardNegativeStore, mine
 from training.networks import build_network
 from training.nodule_insertion import KIND_WEIGHTS
+from training.run_log import TrainingLog, logged_seconds
 from training.transforms import SPINE_LEVELS, augment_transforms, crop_size, load_transforms
 
 Task = Literal["lung-nodule", "spine-vertebrae"]
@@ -271,56 +271,6 @@ def validate(net: torch.nn.Module, volumes: list[dict[str, torch.Tensor]], cfg: 
     return value
 
 
-class _Log:
-    """CSV (always) and TensorBoard (when installed) scalars."""
-
-    def __init__(self, run_dir: Path, resume_step: int) -> None:
-        self.path = run_dir / "log.csv"
-        if self.path.exists():  # drop rows written after the checkpoint we resume from
-            with self.path.open(newline="", encoding="utf-8") as f:
-                rows = [r for r in csv.reader(f) if r and (not r[0].isdigit() or int(r[0]) <= resume_step)]
-            with self.path.open("w", newline="", encoding="utf-8") as f:
-                csv.writer(f).writerows(rows)
-        new = not self.path.exists() or self.path.stat().st_size == 0
-        self.file = self.path.open("a", newline="", encoding="utf-8")
-        self.csv = csv.writer(self.file)
-        if new:
-            self.csv.writerow(["step", "loss", "lr", "val_dice", "seconds"])
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb: Any = SummaryWriter(str(run_dir / "tb"))
-        except ImportError:
-            self.tb = None
-
-    def row(self, step: int, loss: float, lr: float, val: float | None, seconds: float) -> None:
-        self.csv.writerow([step, f"{loss:.5f}", f"{lr:.3g}", "" if val is None else f"{val:.4f}", f"{seconds:.1f}"])
-        self.file.flush()
-        if self.tb is not None:
-            self.tb.add_scalar("loss", loss, step)
-            if val is not None:
-                self.tb.add_scalar("val_dice", val, step)
-
-    def note(self, text: str) -> None:
-        """A free-text line beside the CSV (e.g. hard-negative mining rounds)."""
-        with (self.path.parent / "notes.txt").open("a", encoding="utf-8") as f:
-            f.write(text + "\n")
-
-    def close(self) -> None:
-        self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _logged_seconds(path: Path, step: int) -> float:
-    """Elapsed seconds the CSV log recorded at `step` (checkpoints written before "seconds" was saved)."""
-    if not path.is_file():
-        return 0.0
-    with path.open(newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.reader(f) if r and r[0].isdigit() and int(r[0]) <= step]
-    return float(rows[-1][4]) if rows else 0.0
-
-
 def initial_weights(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
     """Network weights to start from: a `best.pt` state dict or a `last.pt` checkpoint (its "net")."""
     if not path.is_file():
@@ -363,7 +313,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         sched.load_state_dict(state["sched"])
         scaler.load_state_dict(state["scaler"])
         step, best, history = state["step"], state["best"], state["history"]
-        earlier = float(state.get("seconds", _logged_seconds(run_dir / "log.csv", step)))
+        earlier = float(state.get("seconds", logged_seconds(run_dir / "log.csv", step)))
     start -= earlier  # the reported time covers every invocation of this run
 
     mining = cfg.task == "lung-nodule" and cfg.hard_negative_every is not None
@@ -386,7 +336,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         val_volumes = list(CacheDataset(val_data, Compose(load), num_workers=0, progress=False))
         loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=0, drop_last=False)
 
-    log = _Log(run_dir, step)
+    log = TrainingLog(run_dir / "log.csv", step)
     bar = None
     if progress:
         from tqdm import tqdm

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -76,3 +78,69 @@ def test_painted_nodules_turn_lung_negatives_into_positives() -> None:
     assert np.all(gain > 30), "each painted nodule makes the patch centre denser (>= ground glass over lung)"
     y2 = np.array([0, 0], dtype=np.uint8)
     assert cc.paint_nodules(x[6:8].copy(), y2, painter, want=2) == 0 and y2.sum() == 0, "no lung, no nodule"
+
+
+def _patch_folder(folder: Path, seed: int, files: int = 3, n: int = 40) -> Path:
+    """`files` patch files of lung-like noise, positives with a dense ball at the centre."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    zz, yy, xx = np.mgrid[:cc.STORED, :cc.STORED, :cc.STORED] - cc.STORED // 2
+    ball = zz ** 2 + yy ** 2 + xx ** 2 <= 9
+    for f in range(files):
+        y = (np.arange(n) % 4 == 0).astype(np.uint8)
+        hu = -850.0 + rng.normal(0, 20, (n, cc.STORED, cc.STORED, cc.STORED))
+        hu[y == 1] += np.where(ball, 850.0, 0.0)
+        np.savez(folder / f"train_{seed + f}.npz", x=to_u8(hu), y=y, candidates=n)
+    return folder
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu")
+
+
+def test_a_step_budget_round_resumed_after_an_interruption_ends_with_the_same_weights(tmp_path: Path) -> None:
+    """Same seed, same steps: the same weights; killed after step 6 (last checkpoint at 3) and run again, the round
+    resumes at 3 and ends exactly where the uninterrupted one did, with one CSV row per step."""
+    import csv
+
+    import pytest
+
+    data = [_patch_folder(tmp_path / "p1", 100), _patch_folder(tmp_path / "p2", 200)]
+    kw = {"steps": 9, "lr": 0.002, "seed": 0, "painted": 2, "validate_every": 3, "log": lambda s: None}
+    whole = cc.train_classifier(data, tmp_path / "whole.pt", **kw)
+    again = cc.train_classifier(data, tmp_path / "again.pt", **kw)
+    assert whole["steps"] == again["steps"] == 9 and whole["painted"] >= 1
+
+    def stop_at_step_6(line: str) -> None:
+        if '"step": 6' in line:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cc.train_classifier(data, tmp_path / "cut.pt", **{**kw, "log": stop_at_step_6})
+    assert torch.load(tmp_path / "cut.last.pt", weights_only=False)["step"] == 3
+    said: list[str] = []
+    resumed = cc.train_classifier(data, tmp_path / "cut.pt", **{**kw, "log": said.append})
+    assert "resuming cut.pt at step 3" in said
+    assert resumed["steps"] == 9 and resumed["painted"] == whole["painted"]
+    w, a, r = (_weights(tmp_path / f"{n}.pt") for n in ("whole", "again", "cut"))
+    assert all(torch.equal(w[k], a[k]) for k in w), "the same seed and steps give the same weights"
+    assert all(torch.equal(w[k], r[k]) for k in w), "the resumed round ends with the uninterrupted one's weights"
+    with (tmp_path / "cut.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == list(range(1, 10))
+    assert [r["negatives_at_95pc_sensitivity"] != "" for r in rows] == [(s % 3 == 0) for s in range(1, 10)]
+    lrs = [float(r["lr"]) for r in rows]
+    assert lrs[0] == pytest.approx(0.002) and all(lrs[i + 1] < lrs[i] for i in range(8)), "cosine over the steps"
+
+
+def test_a_round_needs_exactly_one_budget(tmp_path: Path) -> None:
+    import pytest
+
+    from training.second_stage import SecondStageConfig
+
+    base = {"run_dir": str(tmp_path), "calibration": {"dir": str(tmp_path), "section": "c", "n": 1, "seed": 1}}
+    for budget in ({}, {"steps": 10, "minutes": 1.0}):
+        with pytest.raises(ValueError, match="round 1: give either steps or minutes"):
+            SecondStageConfig.model_validate({**base, "rounds": [{"seeds": [1, 2], "lr": 0.001, **budget}]})
+    with pytest.raises(ValueError, match="give a round either steps or minutes"):
+        cc.train_classifier([tmp_path], tmp_path / "x.pt", lr=0.001)

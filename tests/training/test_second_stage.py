@@ -27,7 +27,7 @@ def second_stage(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = root / "config.yaml"
     config.write_text(json.dumps({
         "first_stage": str(models / "lung_nodule_ct"), "run_dir": str(root / "run"),
-        "rounds": [{"seeds": [3000, 3003], "minutes": 0.05, "lr": 0.002, **small},
+        "rounds": [{"seeds": [3000, 3003], "steps": 30, "lr": 0.002, **small},
                    {"seeds": [3003, 3006], "minutes": 0.05, "lr": 0.001, "hard": True, "painted": 4, **small}],
         "calibration": {"dir": str(root / "data"), "section": "calibration", "n": 2, "seed": 6000, "rows": 128,
                         "slices": 60},
@@ -55,8 +55,9 @@ def test_the_command_registers_a_second_stage_naming_its_first(second_stage: Pat
     assert card.training["command"].startswith("dxgate train lung-nodule-candidates --config ")
     assert card.training["onnx_parity_max_abs_diff"] <= 1e-4
     assert card.training["rounds"][1]["hard"] is True and card.training["rounds"][1]["painted"] == 4
-    steps = card.training["steps_per_round"]          # rounds train for minutes: the card says how many steps
-    assert len(steps) == 2 and all(s >= 1 for s in steps)
+    steps = card.training["steps_per_round"]          # round 1 has a budget of steps, round 2 of minutes
+    assert steps[0] == 30 and steps[1] >= 1
+    assert card.training["rounds"][0]["steps"] == 30 and card.training["rounds"][1]["minutes"] == 0.05
     phases = card.training["timings_s"]                # every phase's time, kept across resumed invocations
     assert set(phases) == {"patches_1_s", "train_1_s", "patches_2_s", "train_2_s", "calibration_s", "heldout_9000_s"}
     assert card.training["command_seconds"] == pytest.approx(sum(phases.values()), abs=len(phases))
