@@ -241,11 +241,11 @@ def train_classifier(patch_dirs: list[Path], out: Path, steps: int | None = None
     `paint_nodules`; on the GPU when there is one (`training_device`; the weights load on the CPU either way).
 
     The first 4 files (by name) of the first folder and the first 2 of each further one are validation; `init`
-    starts from a trained classifier. Every `validate_every` steps: a row of validation figures in the log, and
-    `out` plus `<out>.last.pt` (weights, optimiser, step and random states); a call that finds `<out>.last.pt`
-    resumes from it, so an interrupted step-budget round ends with the weights of an uninterrupted one. One CSV
-    row per step in `<out>.csv` (step, loss, lr, validation, seconds), TensorBoard under `tb/<out stem>` when
-    installed. Returns the last validation figures."""
+    starts from a trained classifier. Every `validate_every` steps: a row of validation figures in the log and
+    `<out>.last.pt` (weights, optimiser, step and random states); a call that finds it resumes from it, so an
+    interrupted step-budget round ends with the weights of an uninterrupted one. `out` (the weights alone) is
+    written at the end. One CSV row per step in `<out>.csv` (step, loss, lr, validation, seconds), TensorBoard
+    under `tb/<out stem>` when installed. Returns the last validation figures."""
     if (steps is None) == (minutes is None):
         raise ValueError("give a round either steps or minutes")
     from training.run_log import TrainingLog
@@ -323,7 +323,6 @@ def train_classifier(patch_dirs: list[Path], out: Path, steps: int | None = None
             run_log.row(step, float(loss.item()), rate, val, time.time() - t0)
             if val is not None:
                 log(json.dumps(figures))
-                torch.save(net.state_dict(), out)
                 state = {"net": net.state_dict(), "opt": opt.state_dict(), "rng": rng.bit_generator.state,
                          "painter": None if painter is None else painter.R.get_state(), "step": step,
                          "seconds": time.time() - t0, "figures": figures, "painted": n_painted}
