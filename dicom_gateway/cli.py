@@ -111,13 +111,16 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.second_stage is not None and args.task != "lung-nodule":
+        print("dxgate train: --second-stage goes with lung-nodule only", file=sys.stderr)
+        return 2
     if args.task == "lung-nodule-candidates":
         from training.second_stage import train_command as second_stage_command
 
         return second_stage_command(args.config)
     from training.cli import train_command
 
-    return train_command(args.task, args.config)
+    return train_command(args.task, args.config, args.second_stage)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -195,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("task", choices=["lung-nodule", "spine-vertebrae", "lung-nodule-candidates"],
                     help="lung-nodule-candidates: the lung model's second stage (needs models/lung_nodule_ct)")
     sp.add_argument("--config", type=Path, required=True)
+    sp.add_argument("--second-stage", type=Path, metavar="CONFIG",
+                    help="lung-nodule: then train, calibrate and register the second stage of this config with it "
+                         "(the whole lung model in one command)")
     sp.set_defaults(func=cmd_train)
 
     sp = sub.add_parser("evaluate", help="evaluate a model folder on a dataset manifest")

@@ -361,30 +361,13 @@ def _loss_description(cfg: TrainConfig) -> str:
     return f"{name} ({', '.join(parts)})" if parts else name
 
 
-def train_command(task: str, config: Path) -> int:
-    """Run one training task end to end; returns a process exit status (0 = model registered)."""
-    try:
-        cfg = load_config(config)
-    except (OSError, ValidationError, ValueError) as exc:
-        print(f"dxgate train: cannot read {config}: {exc}", file=sys.stderr)
-        return 2
-    if TASK_ALIASES.get(task) != cfg.task:
-        print(f"dxgate train: task {task!r} does not match the config's task {cfg.task!r}", file=sys.stderr)
-        return 2
-    result = train(cfg)
+def first_stage_fields(cfg: TrainConfig, result: Any, command: str) -> dict[str, Any]:
+    """Model-card fields of a network trained by `command` (everything but metrics, version and weights_sha256)."""
     fields = card_fields_for(cfg.task, name=cfg.name)
     fields.update(
         input={"name": "image", "spacing_mm": cfg.spacing_mm, "window": cfg.window, "roi_size": cfg.roi_size,
                "overlap": cfg.overlap, "batch_size": 1, "flips": [list(a) for a in cfg.flips]},
         thresholds={**fields["thresholds"], "probability": cfg.probability},
-    )
-    test = data_split(cfg, "test") if cfg.data.n_test else []
-    figures_dir = Path(tempfile.mkdtemp(prefix="dxgate-figures-"))
-    metrics = _evaluate_exported(result.net, fields, test, cfg, figures_dir)
-    if cfg.benchmark:
-        metrics["timing"] = _cpu_benchmark(result.net, cfg)
-    metrics["validation_dice"] = result.best_metric
-    fields.update(
         training={
             "data": "synthetic", "generator": "training.synthetic",
             "train_seeds": [cfg.data.seed, cfg.data.seed + cfg.data.n_train - 1],
@@ -394,7 +377,7 @@ def train_command(task: str, config: Path) -> int:
             "seed": cfg.seed, "steps": result.step, "network": {
                 "type": "monai.networks.nets.UNet", "channels": list(cfg.channels),
                 "num_res_units": cfg.num_res_units},
-            "command": f"dxgate train {task} --config {config}", "seconds": round(result.seconds),
+            "command": command, "seconds": round(result.seconds),
             "device": "cuda" if torch.cuda.is_available() else "cpu",
             "precision": "amp float16" if torch.cuda.is_available() else (
                 "bfloat16 autocast" if cfg.cpu_bf16 and cpu_has_bf16() else "float32"),
@@ -402,8 +385,55 @@ def train_command(task: str, config: Path) -> int:
             "checkpoint": "best validation Dice" if cfg.checkpoint == "best" else "last step",
             **({"initialised_from": str(cfg.init_from)} if cfg.init_from is not None else {}),
         },
-        metrics=metrics,
     )
+    return fields
+
+
+def train_command(task: str, config: Path, second_stage: Path | None = None) -> int:
+    """Run one training task end to end; returns a process exit status (0 = model registered).
+
+    With `second_stage` (a `dxgate train lung-nodule-candidates` config), the lung command goes on to train,
+    calibrate, evaluate and register the second stage with the first (`training.lung_model`): the whole lung model
+    in one command."""
+    command = f"dxgate train {task} --config {config}"
+    try:
+        cfg = load_config(config)
+    except (OSError, ValidationError, ValueError) as exc:
+        print(f"dxgate train: cannot read {config}: {exc}", file=sys.stderr)
+        return 2
+    if TASK_ALIASES.get(task) != cfg.task:
+        print(f"dxgate train: task {task!r} does not match the config's task {cfg.task!r}", file=sys.stderr)
+        return 2
+    second = None
+    if second_stage is not None:
+        from training.second_stage import load_config as load_second_stage_config
+
+        if cfg.task != "lung-nodule":
+            print(f"dxgate train: --second-stage: only the lung-nodule task has one, not {cfg.task}", file=sys.stderr)
+            return 2
+        try:
+            second = load_second_stage_config(second_stage)
+        except (OSError, ValueError) as exc:
+            print(f"dxgate train: cannot read {second_stage}: {exc}", file=sys.stderr)
+            return 2
+        command += f" --second-stage {second_stage}"
+    result = train(cfg)
+    if second is not None:
+        from training.lung_model import train_second_stage_and_register
+
+        assert second_stage is not None
+        out = train_second_stage_and_register(cfg, second, second_stage, result, command,
+                                              log=lambda s: print(s, flush=True), progress=sys.stderr.isatty())
+        print(json.dumps(out, indent=1))
+        return 0
+    fields = first_stage_fields(cfg, result, command)
+    test = data_split(cfg, "test") if cfg.data.n_test else []
+    figures_dir = Path(tempfile.mkdtemp(prefix="dxgate-figures-"))
+    metrics = _evaluate_exported(result.net, fields, test, cfg, figures_dir)
+    if cfg.benchmark:
+        metrics["timing"] = _cpu_benchmark(result.net, cfg)
+    metrics["validation_dice"] = result.best_metric
+    fields["metrics"] = metrics
     if cfg.register_to is None:
         print(json.dumps(metrics, indent=1))
         return 0

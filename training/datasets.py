@@ -9,8 +9,11 @@ centroids, all in mm as given by `training.synthetic`) is kept in the datalist e
 from __future__ import annotations
 
 import json
+import multiprocessing
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -119,12 +122,19 @@ def write_case(out_dir: Path, name: str, case: Case, seed: int) -> dict[str, Any
             "spacing": list(case.spacing), "origin": list(case.origin), "shape": list(case.hu.shape), **case.truth}
 
 
+def _generate_case(task: str, out_dir: Path, section: str, rows: int, slices: int | None,
+                   spacing: Sequence[float] | None, nodules: int | None, phantom: bool, seed: int) -> dict[str, Any]:
+    case = phantom_case(task, seed) if phantom else _synthetic_case(task, seed, rows, slices, spacing, nodules)
+    return write_case(out_dir, f"{section}_{seed:06d}", case, seed)
+
+
 def generate_dataset(
     task: str, out_dir: Path, section: str, n: int, seed: int, rows: int = 512,
     slices: int | None = None, spacing: Sequence[float] | None = None, phantom: bool = False,
-    progress: bool = True, nodules: int | None = None,
+    progress: bool = True, nodules: int | None = None, workers: int = 1,
 ) -> list[dict[str, Any]]:
-    """Generate `n` cases with seeds seed..seed+n-1 into `out_dir` as datalist section `section`.
+    """Generate `n` cases with seeds seed..seed+n-1 into `out_dir` as datalist section `section`, `workers` at a
+    time (processes).
 
     `nodules` sets the number of nodules per chest CT (None: the generator's seeded 0-4).
 
@@ -147,15 +157,21 @@ def generate_dataset(
         (out_dir / e["image"]).is_file() and (out_dir / e["label"]).is_file() for e in datalist.get(section, [])
     )
     if not reuse:
-        entries = []
+        job = partial(_generate_case, task, out_dir, section, rows, slices, spacing, nodules, phantom)
         seeds = range(seed, seed + n)
-        if progress:
-            from tqdm import tqdm
+        pool = None
+        if workers > 1 and n > 1 and not phantom:   # a case depends on its seed only: the same files in any order
+            pool = ProcessPoolExecutor(min(workers, n), mp_context=multiprocessing.get_context("spawn"))
+        try:
+            done = pool.map(job, seeds) if pool is not None else map(job, seeds)
+            if progress:
+                from tqdm import tqdm
 
-            seeds = tqdm(seeds, desc=f"generate {section}", unit="case")
-        for s in seeds:
-            case = phantom_case(task, s) if phantom else _synthetic_case(task, s, rows, slices, spacing, nodules)
-            entries.append(write_case(out_dir, f"{section}_{s:06d}", case, s))
+                done = tqdm(done, total=n, desc=f"generate {section}", unit="case")
+            entries = list(done)
+        finally:
+            if pool is not None:
+                pool.shutdown()
         datalist[section] = entries
         meta[section] = params
         datalist["generator"] = "training.datasets.phantom_case" if phantom else "training.synthetic"

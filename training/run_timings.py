@@ -30,6 +30,14 @@ class PhaseTimes:
         start = time.perf_counter()
         yield
         self._seconds[name] = self._seconds.get(name, 0.0) + time.perf_counter() - start
+        self._save()
+
+    def record(self, name: str, seconds: float) -> None:
+        """Set `name` to `seconds` measured elsewhere (e.g. a training loop that keeps its own time)."""
+        self._seconds[name] = float(seconds)
+        self._save()
+
+    def _save(self) -> None:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self._seconds, indent=1))
         tmp.replace(self.path)

@@ -14,6 +14,9 @@ One command, resumable (each step skips what its output already holds):
    gateway reports at each threshold (`training.second_stage_eval`: a blob beside a finding is the same nodule),
    with the config's test-time `flips` (written to the card's input);
 5. registration as `models/<name>/` with `first_stage` naming the first-stage model.
+
+Steps 1-4 are `train_and_score`, step 5 `register_second_stage`; `training.lung_model` runs them after training the
+first stage, for `dxgate train lung-nodule --second-stage CONFIG`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import json
 import os
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -128,17 +132,40 @@ def _classifier_card_for_scoring(cfg: SecondStageConfig, first_card: ModelCard) 
     return {**card_fields(cfg, first_card, 0.5, 0.5), "version": "eval", "weights_sha256": "0" * 64}
 
 
-def run(cfg: SecondStageConfig, config_path: Path, log: Any = print, progress: bool = False) -> dict[str, Any]:
-    """Every step of the module docstring; returns the card's metrics (and the model folder, when registered)."""
+@dataclass
+class ScoredSplit:
+    """A calibration or held-out split with its scored cases (`training.second_stage_eval.score_case` rows)."""
+
+    split: Split
+    entries: list[dict[str, Any]]
+    rows: list[dict[str, Any]]
+
+
+@dataclass
+class Trained:
+    """What `train_and_score` returns: the last round's classifier, its scored splits and the pair's figures."""
+
+    net: torch.nn.Module
+    first_card: ModelCard
+    operating_point: dict[str, Any]
+    calibration: ScoredSplit
+    heldout: list[ScoredSplit]
+    metrics: dict[str, Any]          # the second stage's card metrics (held-out figures of the pair)
+    figures_dir: Path
+    steps: list[int]
+    timings: PhaseTimes
+
+
+def train_and_score(cfg: SecondStageConfig, log: Any = print, progress: bool = False,
+                    timings: PhaseTimes | None = None) -> Trained:
+    """Steps 1-4 of the module docstring (resumable); `timings` (default: the run directory's) gets each phase."""
     from inference.model_repo import load_model
     from training.datasets import generate_dataset
     from training.export import export_onnx
-    from training.register import register_model
     torch.manual_seed(cfg.seed)
-    device = training_device()
     first = load_model(cfg.first_stage)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    timings = PhaseTimes(cfg.run_dir / "timings.json")
+    timings = timings if timings is not None else PhaseTimes(cfg.run_dir / "timings.json")
     steps: list[int] = []          # recorded: with a budget in minutes they depend on the machine
     dirs: list[Path] = []
     previous: Path | None = None
@@ -160,57 +187,84 @@ def run(cfg: SecondStageConfig, config_path: Path, log: Any = print, progress: b
         previous = ckpt
     assert previous is not None
     net = load_classifier(previous).eval()
-    train_seconds = sum(v for k, v in timings.items() if k.startswith(("patches_", "train_")))
     onnx = cfg.run_dir / "classifier.onnx"
     export_onnx(net, torch.zeros(1, 1, PATCH_MM, PATCH_MM, PATCH_MM), onnx)
     scoring_card = _classifier_card_for_scoring(cfg, first.card)
 
-    def split(s: Split) -> list[dict[str, Any]]:
-        return generate_dataset("lung-nodule", s.dir, s.section, s.n, s.seed, rows=s.rows, slices=s.slices,
-                                progress=False)
+    def scored(s: Split, name: str) -> ScoredSplit:
+        entries = generate_dataset("lung-nodule", s.dir, s.section, s.n, s.seed, rows=s.rows, slices=s.slices,
+                                   progress=False, workers=cfg.workers)
+        rows = scored_split(entries, cfg.run_dir / "scores" / name, cfg.first_stage, onnx, scoring_card,
+                            cfg.workers, log)
+        return ScoredSplit(s, entries, rows)
 
     with timings.phase("calibration_s"):
-        cal = split(cfg.calibration)
-        cal_rows = scored_split(cal, cfg.run_dir / "scores" / "calibration", cfg.first_stage, onnx, scoring_card,
-                                cfg.workers, log)
-    op = choose_threshold(cal_rows, cal, cfg.operating_fp_per_scan, cfg.threshold_floor, first.card.thresholds,
-                          cfg.operating_confidence)
+        cal = scored(cfg.calibration, "calibration")
+    op = choose_threshold(cal.rows, cal.entries, cfg.operating_fp_per_scan, cfg.threshold_floor,
+                          first.card.thresholds, cfg.operating_confidence)
     log(f"operating point: {json.dumps(op)}")
     figures_dir = Path(tempfile.mkdtemp(prefix="dxgate-figures-"))
     metrics: dict[str, Any] = {"operating_point": op, "heldout": []}
+    heldout = []
     for i, s in enumerate(cfg.test):
         with timings.phase(f"heldout_{s.seed}_s"):
-            entries = split(s)
-            rows = scored_split(entries, cfg.run_dir / "scores" / f"{s.section}_{s.seed}", cfg.first_stage, onnx,
-                                scoring_card, cfg.workers, log)
+            held = scored(s, f"{s.section}_{s.seed}")
+        heldout.append(held)
         plot = figures_dir / ("froc.png" if i == 0 else f"froc_{s.seed}.png")
-        res = figures(rows, entries, op["probability"], plot, f"{cfg.name} with {first.name}: held-out FROC",
-                      cfg.threshold_floor, first.card.thresholds)
+        res = figures(held.rows, held.entries, op["probability"], plot,
+                      f"{cfg.name} with {first.name}: held-out FROC", cfg.threshold_floor, first.card.thresholds)
         res["figure"] = plot.name
         metrics["heldout"].append(res)
         log(f"held-out seeds {s.seed}-{s.seed + s.n - 1}: {json.dumps(res)}")
     metrics["method"] = METHOD
-    fields = card_fields(cfg, first.card, op["probability"], op["probability"])
-    fields["training"] = {
+    return Trained(net, first.card, op, cal, heldout, metrics, figures_dir, steps, timings)
+
+
+def training_record(cfg: SecondStageConfig, trained: Trained, command: str, config: Path) -> dict[str, Any]:
+    """The card's `training` section: data, rounds, network, first stage, command and the second stage's config
+    file, phase times, machine."""
+    device = training_device()
+    timings = trained.timings
+    first = trained.first_card
+    train_seconds = sum(v for k, v in timings.items() if k.startswith(("patches_", "train_")))
+    return {
         "data": "synthetic", "generator": "training.synthetic.chest_ct",
         "nodules_per_ct": [r.nodules for r in cfg.rounds],
         "rounds": [r.model_dump() for r in cfg.rounds],
         "calibration_seeds": [cfg.calibration.seed, cfg.calibration.seed + cfg.calibration.n - 1],
         "network": "training.candidate_classifier.CandidateNet (0.18 M parameters)",
-        "first_stage": {"name": first.name, "version": first.version, "weights_sha256": first.card.weights_sha256},
-        "command": f"dxgate train lung-nodule-candidates --config {config_path}",
+        "first_stage": {"name": first.name, "version": first.version, "weights_sha256": first.weights_sha256},
+        "command": command, "config": str(config),
         "train_seconds": round(train_seconds), "timings_s": {k: round(v) for k, v in timings.items()},
-        "command_seconds": round(timings.total()), "steps_per_round": steps,
+        "command_seconds": round(timings.total()), "steps_per_round": trained.steps,
         "device": device.type, "precision": precision(device), "measured_on": machine(),
     }
-    fields["metrics"] = metrics
-    if cfg.register_to is None:
-        return metrics
-    extra = {r["figure"]: figures_dir / r["figure"] for r in metrics["heldout"]}
+
+
+def register_second_stage(cfg: SecondStageConfig, trained: Trained, register_to: Path, command: str,
+                          config: Path) -> Path:
+    """Register the classifier as `register_to/<name>/` with its card, naming `trained.first_card` as its first
+    stage, and the held-out FROC plots beside it (`command` trained it; `config` is its config file)."""
+    from training.register import register_model
+
+    probability = trained.operating_point["probability"]
+    fields = card_fields(cfg, trained.first_card, probability, probability)
+    fields["training"] = training_record(cfg, trained, command, config)
+    fields["metrics"] = trained.metrics
+    extra = {r["figure"]: trained.figures_dir / r["figure"] for r in trained.metrics["heldout"]}
     rng = np.random.default_rng(0)
-    folder = register_model(net, fields, cfg.register_to, extra_files=extra,
-                            parity_inputs=[rng.random((4, 1, PATCH_MM, PATCH_MM, PATCH_MM), dtype=np.float32)])
-    return {**metrics, "registered": str(folder)}
+    return register_model(trained.net, fields, register_to, extra_files=extra,
+                          parity_inputs=[rng.random((4, 1, PATCH_MM, PATCH_MM, PATCH_MM), dtype=np.float32)])
+
+
+def run(cfg: SecondStageConfig, config_path: Path, log: Any = print, progress: bool = False) -> dict[str, Any]:
+    """Every step of the module docstring; returns the card's metrics (and the model folder, when registered)."""
+    trained = train_and_score(cfg, log, progress)
+    if cfg.register_to is None:
+        return trained.metrics
+    folder = register_second_stage(cfg, trained, cfg.register_to,
+                                   f"dxgate train lung-nodule-candidates --config {config_path}", config_path)
+    return {**trained.metrics, "registered": str(folder)}
 
 
 def train_command(config: Path) -> int:

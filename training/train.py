@@ -10,6 +10,7 @@ installed), periodic sliding-window validation, `last.pt` for resume and `best.p
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,6 +238,7 @@ def data_split(cfg: TrainConfig, section: str, progress: bool = True) -> list[di
         cfg.task, cfg.data.dir, section, n, seed, rows=rows, slices=cfg.data.slices,
         spacing=cfg.data.spacing, phantom=cfg.data.phantom, progress=progress,
         nodules=cfg.data.train_nodules if section == "training" else None,
+        workers=cfg.threads or min(2, os.cpu_count() or 1),
     )
 
 

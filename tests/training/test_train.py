@@ -288,7 +288,8 @@ def test_shipped_configs_load_and_match_the_models_they_register(config: Path) -
         assert card["first_stage"]["model"] == second.first_stage.name
         assert [tuple(a) for a in card["input"].get("flips", [])] == [tuple(a) for a in second.flips]
         assert card["input"].get("flip_screen", 0.0) == second.flip_screen
-        assert card["training"]["command"].endswith(f"--config {config}")
+        command = card["training"]["command"]       # its own command, or the lung command's --second-stage
+        assert command.endswith((f"lung-nodule-candidates --config {config}", f"--second-stage {config}"))
         return
     cfg = load_config(ROOT / config)
     if cfg.register_to is None:
@@ -297,7 +298,7 @@ def test_shipped_configs_load_and_match_the_models_they_register(config: Path) -
     assert tuple(card["input"]["spacing_mm"]) == cfg.spacing_mm and tuple(card["input"]["window"]) == cfg.window
     assert tuple(card["input"]["roi_size"]) == cfg.roi_size
     assert [tuple(a) for a in card["input"].get("flips", [])] == [tuple(a) for a in cfg.flips]
-    assert card["training"]["command"].endswith(f"--config {config}")
+    assert card["training"]["command"].split(" --second-stage ")[0].endswith(f"--config {config}")
 
 
 def test_train_nodules_sets_the_count_in_training_scans_only(tmp_path: Path) -> None:
@@ -317,3 +318,20 @@ def test_train_nodules_sets_the_count_in_training_scans_only(tmp_path: Path) -> 
     default = generate_dataset("lung-nodule", tmp_path / "other", "test", 1, seed=9001, rows=48, slices=30,
                                progress=False)
     assert test[0]["nodules"] == default[0]["nodules"]
+
+
+def test_cases_generated_in_parallel_are_those_generated_one_by_one(tmp_path: Path) -> None:
+    """Each case depends on its seed only, so `workers` processes write the same files and entries."""
+    import json
+
+    serial = generate_dataset("lung-nodule", tmp_path / "a", "test", 2, seed=9001, rows=48, slices=30, progress=False)
+    parallel = generate_dataset("lung-nodule", tmp_path / "b", "test", 2, seed=9001, rows=48, slices=30,
+                                progress=False, workers=2)
+    assert [e["seed"] for e in parallel] == [9001, 9002]
+    for a, b in zip(serial, parallel, strict=True):
+        assert {k: v for k, v in a.items() if k not in ("image", "label")} == \
+            {k: v for k, v in b.items() if k not in ("image", "label")}
+        assert Path(a["image"]).read_bytes() == Path(b["image"]).read_bytes()
+        assert Path(a["label"]).read_bytes() == Path(b["label"]).read_bytes()
+    meta = [json.loads((tmp_path / d / "datalist.json").read_text())["generation"] for d in ("a", "b")]
+    assert meta[0] == meta[1]    # the same parameters recorded: either set is reused by the other's call
