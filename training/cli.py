@@ -404,7 +404,7 @@ def train_command(task: str, config: Path, second_stage: Path | None = None) -> 
     if TASK_ALIASES.get(task) != cfg.task:
         print(f"dxgate train: task {task!r} does not match the config's task {cfg.task!r}", file=sys.stderr)
         return 2
-    second = None
+    second = None     # (its config file, the config)
     if second_stage is not None:
         from training.second_stage import load_config as load_second_stage_config
 
@@ -412,7 +412,7 @@ def train_command(task: str, config: Path, second_stage: Path | None = None) -> 
             print(f"dxgate train: --second-stage: only the lung-nodule task has one, not {cfg.task}", file=sys.stderr)
             return 2
         try:
-            second = load_second_stage_config(second_stage)
+            second = second_stage, load_second_stage_config(second_stage)
         except (OSError, ValueError) as exc:
             print(f"dxgate train: cannot read {second_stage}: {exc}", file=sys.stderr)
             return 2
@@ -421,8 +421,7 @@ def train_command(task: str, config: Path, second_stage: Path | None = None) -> 
     if second is not None:
         from training.lung_model import train_second_stage_and_register
 
-        assert second_stage is not None
-        out = train_second_stage_and_register(cfg, second, second_stage, result, command,
+        out = train_second_stage_and_register(cfg, second[1], second[0], result, command,
                                               log=lambda s: print(s, flush=True), progress=sys.stderr.isatty())
         print(json.dumps(out, indent=1))
         return 0

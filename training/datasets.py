@@ -12,6 +12,7 @@ import json
 import multiprocessing
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -159,19 +160,15 @@ def generate_dataset(
     if not reuse:
         job = partial(_generate_case, task, out_dir, section, rows, slices, spacing, nodules, phantom)
         seeds = range(seed, seed + n)
-        pool = None
-        if workers > 1 and n > 1 and not phantom:   # a case depends on its seed only: the same files in any order
-            pool = ProcessPoolExecutor(min(workers, n), mp_context=multiprocessing.get_context("spawn"))
-        try:
+        parallel = workers > 1 and n > 1 and not phantom   # a case depends on its seed only: the same files
+        with (ProcessPoolExecutor(min(workers, n), mp_context=multiprocessing.get_context("spawn")) if parallel
+              else nullcontext()) as pool:
             done = pool.map(job, seeds) if pool is not None else map(job, seeds)
             if progress:
                 from tqdm import tqdm
 
                 done = tqdm(done, total=n, desc=f"generate {section}", unit="case")
             entries = list(done)
-        finally:
-            if pool is not None:
-                pool.shutdown()
         datalist[section] = entries
         meta[section] = params
         datalist["generator"] = "training.datasets.phantom_case" if phantom else "training.synthetic"
