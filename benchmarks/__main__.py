@@ -1,4 +1,4 @@
-"""`python -m benchmarks <inference|ingest|e2e|memory> [--tiny] [--out DIR] [options]`."""
+"""`python -m benchmarks <inference|ingest|e2e|memory|training> [--tiny] [--out DIR] [options]`."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ MODULES = {
     "ingest": "benchmarks.ingest_bench",
     "e2e": "benchmarks.e2e_bench",
     "memory": "benchmarks.memory_bench",
+    "training": "benchmarks.training_bench",
 }
 
 

@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="without the second stage installed beside the model (the gateway runs both)")
     sp.set_defaults(func=cmd_evaluate)
 
-    sp = sub.add_parser("bench", help="run a benchmark (inference, ingest, e2e)")
+    sp = sub.add_parser("bench", help="run a benchmark (inference, ingest, e2e, memory, training)")
     sp.add_argument("name")
     sp.add_argument("rest", nargs=argparse.REMAINDER)
     sp.set_defaults(func=cmd_bench)

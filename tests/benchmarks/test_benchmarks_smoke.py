@@ -87,3 +87,29 @@ def test_memory_tiny(tmp_path: Path) -> None:
     assert set(row["stages"]) == {"load", "preprocess", "infer", "postprocess", "headers", "encode_seg",
                                   "encode_sr", "encode_gsps", "validate"}
     assert row["peak_mib"] >= row["baseline_mib"] > 0 and row["job_peak_x_voxels"] >= 0
+
+
+def test_training_tiny(tmp_path: Path) -> None:
+    data = _run("training", tmp_path)
+    assert {"steps", "warmup", "cases", "models"} <= set(data["settings"])
+    rows = {r["model"]: r for r in data["results"]}
+    assert set(rows) == {"lung_nodule_ct", "spine_vertebrae_ct", "lung_nodule_candidates_ct"}
+    for row in rows.values():
+        assert row["steps"] == 4 and row["steps_timed"] == 2 and row["steps_per_s"] > 0
+        assert row["projected_shipped_loop_min"] == pytest.approx(row["shipped_steps"] / row["steps_per_s"] / 60)
+        assert row["precision"] in {"float32", "bfloat16 autocast", "float16 AMP (autocast + GradScaler)"}
+    assert rows["lung_nodule_ct"]["shipped_steps"] == 20000      # the shipped configs', not the benchmark's
+    assert rows["lung_nodule_candidates_ct"]["shipped_steps"] == 6600 + 5100 + 4900
+    assert (tmp_path / "runs" / "lung_nodule_ct" / "log.csv").is_file()
+
+
+def test_training_rate_reads_the_log(tmp_path: Path) -> None:
+    from benchmarks.training_bench import steady_rate
+
+    log = tmp_path / "log.csv"
+    log.write_text("step,loss,lr,val_dice,seconds\n" + "".join(f"{s},0.5,0.001,,{10 + 0.5 * s}\n"
+                                                              for s in range(1, 11)) + "11,0.5,0.001,0.3,99\n")
+    rate = steady_rate(log, 2)   # steps 2..10 at 0.5 s a step; step 11 validates and is left out
+    assert rate == {"steps_timed": 8, "seconds_timed": 4.0, "steps_per_s": 2.0, "first_step_s": 10.5}
+    with pytest.raises(ValueError, match="need more than"):
+        steady_rate(log, 9)
