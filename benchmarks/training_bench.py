@@ -29,7 +29,7 @@ TINY_ROI = (16, 32, 32)          # the phantom's size (CI smoke only)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=None, help="steps per model (default 300; tiny 4)")
+    p.add_argument("--steps", type=int, default=None, help="steps per model (default 300; tiny 6)")
     p.add_argument("--warmup", type=int, default=None, help="steps left out of the rate (default 50; tiny 1)")
     p.add_argument("--cases", type=int, default=4, help="generated training cases per segmentation model")
     p.add_argument("--models", nargs="+", default=[*CONFIGS, "lung_nodule_candidates_ct"],
@@ -43,6 +43,8 @@ def steady_rate(log_csv: Path, warmup: int) -> dict[str, float | int]:
     if len(rows) < warmup + 3:
         raise ValueError(f"{log_csv}: {len(rows)} steps logged, need more than warmup + 2 = {warmup + 2}")
     (s0, t0), (s1, t1) = rows[warmup - 1] if warmup else (0, 0.0), rows[-2]
+    if t1 <= t0:
+        raise ValueError(f"{log_csv}: steps {s0}-{s1} took no measurable time; time more steps")
     return {"steps_timed": s1 - s0, "seconds_timed": t1 - t0, "steps_per_s": (s1 - s0) / (t1 - t0),
             "first_step_s": rows[0][1]}
 
@@ -123,7 +125,7 @@ def classifier_run(out: Path, steps: int, warmup: int, tiny: bool) -> dict[str, 
 
 
 def run(args: argparse.Namespace, out: Path, info: dict[str, Any]) -> dict[str, Any]:
-    steps = args.steps or (4 if args.tiny else 300)
+    steps = args.steps or (6 if args.tiny else 300)
     warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 50)
     if steps < warmup + 3:
         raise SystemExit(f"--steps {steps} must exceed --warmup {warmup} by at least 3")

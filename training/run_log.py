@@ -35,7 +35,7 @@ class TrainingLog:
             pass
 
     def row(self, step: int, loss: float, lr: float, val: float | None, seconds: float) -> None:
-        self.csv.writerow([step, f"{loss:.5f}", f"{lr:.3g}", "" if val is None else f"{val:.4f}", f"{seconds:.1f}"])
+        self.csv.writerow([step, f"{loss:.5f}", f"{lr:.3g}", "" if val is None else f"{val:.4f}", f"{seconds:.3f}"])
         self.file.flush()
         if self.tb is not None:
             self.tb.add_scalar("loss", loss, step)

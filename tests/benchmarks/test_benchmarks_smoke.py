@@ -95,7 +95,7 @@ def test_training_tiny(tmp_path: Path) -> None:
     rows = {r["model"]: r for r in data["results"]}
     assert set(rows) == {"lung_nodule_ct", "spine_vertebrae_ct", "lung_nodule_candidates_ct"}
     for row in rows.values():
-        assert row["steps"] == 4 and row["steps_timed"] == 2 and row["steps_per_s"] > 0
+        assert row["steps"] == 6 and row["steps_timed"] == 4 and row["steps_per_s"] > 0
         assert row["projected_shipped_loop_min"] == pytest.approx(row["shipped_steps"] / row["steps_per_s"] / 60)
         assert row["precision"] in {"float32", "bfloat16 autocast", "float16 AMP (autocast + GradScaler)"}
     assert rows["lung_nodule_ct"]["shipped_steps"] == 20000      # the shipped configs', not the benchmark's
@@ -113,3 +113,6 @@ def test_training_rate_reads_the_log(tmp_path: Path) -> None:
     assert rate == {"steps_timed": 8, "seconds_timed": 4.0, "steps_per_s": 2.0, "first_step_s": 10.5}
     with pytest.raises(ValueError, match="need more than"):
         steady_rate(log, 9)
+    log.write_text("step,loss,lr,val_dice,seconds\n" + "".join(f"{s},0.5,0.001,,1.000\n" for s in range(1, 6)))
+    with pytest.raises(ValueError, match="no measurable time"):
+        steady_rate(log, 1)
