@@ -16,6 +16,7 @@ probability is the mean of the plain and mirrored passes. With flips along z, y 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,15 +50,16 @@ class ScoredCandidates:
     diameter_mm: np.ndarray
 
 
-def score_candidates(volume: Volume, backend: Backend, card: ModelCard) -> ScoredCandidates:
-    """Find the blob candidates of `volume` and score each with the classifier behind `backend`."""
+def score_candidates(volume: Volume, backend: Backend, card: ModelCard, threads: int = 1) -> ScoredCandidates:
+    """Find the blob candidates of `volume` (the LoG on `threads` threads) and score each with the classifier
+    behind `backend`."""
     if tuple(card.input.spacing_mm) != (ISO_MM,) * 3 or len(set(card.input.roi_size)) != 1:
         raise SecondStageError(f"{card.name}: candidates are scored on cubic patches at {ISO_MM} mm, card has "
                                f"{card.input.spacing_mm} / {card.input.roi_size}")
     if tuple(card.input.window) != WINDOW:
         raise SecondStageError(f"{card.name}: window {card.input.window} differs from the patches' {WINDOW} HU")
     iso = to_iso(volume.voxels, volume.spacing)
-    found = chest_candidates(iso)
+    found = chest_candidates(iso, threads)
     u8 = to_u8(iso)
     del iso
     scores = classify_patches(u8, found.index, backend, card)
@@ -170,19 +172,26 @@ def add_candidate_findings(scored: ScoredCandidates, volume: Volume, card: Model
     return out
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 @dataclass
 class SecondStage:
     """A loaded candidate classifier and its card, attached to the first-stage model's runner."""
 
     card: ModelCard
     backend: Backend
+    threads: int = 0     # threads for the candidates' LoG filters; 0: the cores this process may use
 
     @property
     def algorithm(self) -> Algorithm:
         return algorithm(self.card)
 
     def findings(self, volume: Volume, first: list[Finding], label_map: np.ndarray) -> list[Finding]:
-        scored = score_candidates(volume, self.backend, self.card)
+        threads = self.threads or usable_cores()
+        scored = score_candidates(volume, self.backend, self.card, threads)
         extra = add_candidate_findings(scored, volume, self.card, first, label_map)
         log.info("second stage %s %s: %d candidates, %d findings added", self.card.name, self.card.version,
                  len(scored.probability), len(extra))

@@ -88,6 +88,19 @@ def test_candidates_on_the_lung_box_equal_those_on_the_whole_volume() -> None:
     assert cand.lung_box(np.zeros((8, 9, 10), dtype=bool)) == (slice(0, 8), slice(0, 9), slice(0, 10))
 
 
+def test_candidates_on_several_threads_equal_those_on_one() -> None:
+    vol = np.pad(_wall_phantom()[0], ((3, 30), (25, 4), (10, 40)), constant_values=40.0)
+    one = cand.chest_candidates(vol)
+    for threads in (2, 3, 4, 8):   # 3: the last group of scales is short; 8: more threads than scales
+        many = cand.chest_candidates(vol, threads=threads)
+        np.testing.assert_array_equal(many.index, one.index)
+        np.testing.assert_array_equal(many.response, one.response)
+        np.testing.assert_array_equal(many.sigma_mm, one.sigma_mm)
+    img = np.clip(vol, -1000.0, 100.0)
+    for serial, threaded in zip(cand._log_response(img), cand._log_response(img, threads=3), strict=True):
+        np.testing.assert_array_equal(serial, threaded)
+
+
 def test_patches_are_centred_on_their_index_and_zero_outside_the_volume() -> None:
     u8 = np.zeros((40, 40, 40), dtype=np.uint8)
     u8[20, 21, 22] = 255

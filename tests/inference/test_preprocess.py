@@ -21,6 +21,28 @@ def test_resample_keeps_voxel_zero_and_is_linear_on_a_ramp():
     np.testing.assert_allclose(out, expected, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [np.int16, np.float32, np.uint8])
+@pytest.mark.parametrize(("shape", "scale", "out_shape"), [
+    ((40, 64, 64), (1.0, 1.43, 1.43), (40, 45, 45)),     # in-plane downsampling (0.7 -> 1 mm)
+    ((20, 50, 70), (0.4, 0.7, 1.3), (50, 71, 54)),       # thick slices up, mixed in-plane
+    ((33, 17, 9), (2.5, 0.33, 1.0), (14, 52, 9)),        # one axis kept, positions past the last slice
+    ((70, 30, 30), (0.5, 2.0, 0.75), (140, 15, 40)),     # more output slices than one slab
+])
+def test_linear_resampling_equals_scipys_trilinear_map(dtype, shape, scale, out_shape):
+    """The separable, slab-wise linear map gives scipy's affine_transform(order=1, mode='nearest') values."""
+    from scipy import ndimage
+
+    from inference.preprocess import _grid_map
+
+    src = np.random.default_rng(sum(shape)).normal(100, 60, shape).clip(0, 255).astype(dtype)
+    expected = np.empty(out_shape, dtype=np.float32)
+    ndimage.affine_transform(src, np.asarray(scale), offset=0.0, output_shape=out_shape, output=expected, order=1,
+                             mode="nearest", prefilter=False)
+    out = _grid_map(src, np.asarray(scale), out_shape, order=1)
+    assert out.dtype == np.float32 and out.shape == out_shape
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-4)
+
+
 def test_resample_same_spacing_is_a_copy():
     a = np.random.default_rng(0).normal(size=(4, 5, 6)).astype(np.float32)
     out = resample(a, (1.0, 1.0, 1.0), (1.0, 1.0, 1.0))
