@@ -26,7 +26,7 @@ def test_resample_keeps_voxel_zero_and_is_linear_on_a_ramp():
     ((40, 64, 64), (1.0, 1.43, 1.43), (40, 45, 45)),     # in-plane downsampling (0.7 -> 1 mm)
     ((20, 50, 70), (0.4, 0.7, 1.3), (50, 71, 54)),       # thick slices up, mixed in-plane
     ((33, 17, 9), (2.5, 0.33, 1.0), (14, 52, 9)),        # one axis kept, positions past the last slice
-    ((70, 30, 30), (0.5, 2.0, 0.75), (140, 15, 40)),     # more output slices than one slab
+    ((70, 30, 30), (0.5, 2.0, 0.75), (140, 15, 40)),     # many slabs, the last one short
 ])
 def test_linear_resampling_equals_scipys_trilinear_map(dtype, shape, scale, out_shape):
     """The separable, slab-wise linear map gives scipy's affine_transform(order=1, mode='nearest') values."""
