@@ -4,10 +4,11 @@ Each shipped config (training/configs/) runs its real loop from scratch for `--s
 networks through `training.train.train` on `--cases` generated training cases at the shipped resolution, the lung
 second stage's classifier through `training.candidate_classifier.train_classifier` on the patches of two generated
 CTs. On a GPU (when torch sees one) the networks train under AMP: float16 autocast with a gradient scaler for the
-segmentation networks, bfloat16 autocast for the classifier; on a CPU with bfloat16 (AVX512-BF16 / AMX) under
-bfloat16 autocast where the config asks for it, else float32. The rate is read from the run's CSV log over the steps
-after `--warmup` (the last step, which validates, left out); the projection is the shipped steps at that rate, the
-training loop alone (not data generation, calibration or held-out scoring, which run on the CPU).
+segmentation networks ("amp float16", as their cards say), bfloat16 autocast for the classifier; on a CPU with
+bfloat16 (AVX512-BF16 / AMX) under bfloat16 autocast where the config asks for it, else float32. The rate is read
+from the run's CSV log over the steps after `--warmup` (the last step, which validates, left out); the projection is
+the shipped steps at that rate, the training loop alone (not data generation, calibration or held-out scoring, which
+run on the CPU).
 """
 
 from __future__ import annotations
@@ -49,23 +50,22 @@ def steady_rate(log_csv: Path, warmup: int) -> dict[str, float | int]:
             "first_step_s": rows[0][1]}
 
 
-def _device() -> Any:
+def _measured(device: Any, fn: Any) -> tuple[Any, float, float | None]:
+    """Run `fn`; its result, wall seconds and, on a GPU, the peak memory it allocated (MiB)."""
     import torch
 
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _gpu_peak_mib(device: Any) -> float | None:
-    import torch
-
-    return torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    result = fn()
+    wall = time.perf_counter() - t0
+    return result, wall, (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None)
 
 
 def segmentation_run(name: str, out: Path, steps: int, warmup: int, cases: int, tiny: bool) -> dict[str, Any]:
     """`steps` of the shipped config's loop on `cases` generated cases (the phantom when `tiny`)."""
-    import torch
-
-    from training.train import cpu_has_bf16, load_config, train
+    from training.candidate_classifier import training_device
+    from training.train import load_config, train, training_precision
 
     shipped = load_config(common.REPO / CONFIGS[name])
     run_dir = out / "runs" / name
@@ -75,18 +75,12 @@ def segmentation_run(name: str, out: Path, steps: int, warmup: int, cases: int, 
     cfg = shipped.model_copy(update={"data": data, "steps": steps, "val_every": steps, "run_dir": run_dir,
                                      "register_to": None, "hard_negative_every": None,
                                      **({"roi_size": TINY_ROI} if tiny else {})})
-    device = _device()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    result = train(cfg, progress=False)
-    wall = time.perf_counter() - t0
+    device = training_device()
+    result, wall, peak = _measured(device, lambda: train(cfg, progress=False))
     rate = steady_rate(run_dir / "log.csv", warmup)
-    precision = ("float16 AMP (autocast + GradScaler)" if device.type == "cuda" else
-                 "bfloat16 autocast" if cfg.cpu_bf16 and cpu_has_bf16() else "float32")
-    return {"model": name, "device": device.type, "precision": precision, "threads": cfg.threads,
+    return {"model": name, "device": device.type, "precision": training_precision(cfg), "threads": cfg.threads,
             "roi_zyx": list(cfg.roi_size), "spacing_mm": list(cfg.spacing_mm), "cases": cases, "steps": result.step,
-            **rate, "wall_s": wall, "peak_gpu_mib": _gpu_peak_mib(device), "shipped_steps": shipped.steps,
+            **rate, "wall_s": wall, "peak_gpu_mib": peak, "shipped_steps": shipped.steps,
             "projected_shipped_loop_min": shipped.steps / rate["steps_per_s"] / 60.0}
 
 
@@ -110,21 +104,20 @@ def classifier_run(out: Path, steps: int, warmup: int, tiny: bool) -> dict[str, 
     shutil.rmtree(ckpt.parent, ignore_errors=True)
     ckpt.parent.mkdir(parents=True)
     device = training_device()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    train_classifier([pdir], ckpt, steps=steps, lr=first.lr, seed=shipped.seed, painted=first.painted,
-                     log=lambda _: None, validate_every=steps)
-    wall = time.perf_counter() - t0
+    _, wall, peak = _measured(device, lambda: train_classifier(
+        [pdir], ckpt, steps=steps, lr=first.lr, seed=shipped.seed, painted=first.painted, log=lambda _: None,
+        validate_every=steps))
     rate = steady_rate(ckpt.with_suffix(".csv"), warmup)
     total = sum(r.steps or 0 for r in shipped.rounds)
     return {"model": "lung_nodule_candidates_ct", "device": device.type, "precision": precision(device),
             "threads": torch.get_num_threads(), "roi_zyx": [24, 24, 24], "spacing_mm": [1.0, 1.0, 1.0], "cases": 2,
-            "steps": steps, **rate, "wall_s": wall, "patches_s": patches_s, "peak_gpu_mib": _gpu_peak_mib(device),
+            "steps": steps, **rate, "wall_s": wall, "patches_s": patches_s, "peak_gpu_mib": peak,
             "shipped_steps": total, "projected_shipped_loop_min": total / rate["steps_per_s"] / 60.0}
 
 
 def run(args: argparse.Namespace, out: Path, info: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
     steps = args.steps or (6 if args.tiny else 300)
     warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 50)
     if steps < warmup + 3:
@@ -132,8 +125,6 @@ def run(args: argparse.Namespace, out: Path, info: dict[str, Any]) -> dict[str, 
     cases = 1 if args.tiny else args.cases
     data = common.payload(NAME, info, {"steps": steps, "warmup": warmup, "cases": cases, "tiny": args.tiny,
                                        "models": args.models})
-    import torch
-
     threads = torch.get_num_threads()   # a config's `threads` sets torch's for the process: not for the next model
     for name in args.models:
         torch.set_num_threads(threads)

@@ -17,6 +17,7 @@ Grid convention (as `inference.preprocess.resample`): 1 mm voxel i lies at sourc
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,18 +88,15 @@ def _log_response(img: np.ndarray, threads: int = 1) -> tuple[np.ndarray, np.nda
     `threads` scales filtered at a time (scipy's filters release the GIL), merged in scale order either way."""
     best = np.full(img.shape, -np.inf, dtype=np.float32)
     arg = np.zeros(img.shape, dtype=np.uint8)
-    pool = ThreadPoolExecutor(threads) if threads > 1 else None
-    try:
-        for k0 in range(0, len(SIGMAS_MM), max(1, threads)):
-            group = SIGMAS_MM[k0:k0 + max(1, threads)]
-            rs = pool.map(_scale_response, [img] * len(group), group) if pool else [_scale_response(img, group[0])]
-            for k, r in enumerate(rs, start=k0):
+    step = max(1, threads)
+    with ThreadPoolExecutor(step) if step > 1 else nullcontext() as pool:
+        scales = pool.map if pool is not None else map
+        for k0 in range(0, len(SIGMAS_MM), step):
+            group = SIGMAS_MM[k0:k0 + step]
+            for k, r in enumerate(scales(_scale_response, [img] * len(group), group), start=k0):
                 better = r > best
                 best[better] = r[better]
                 arg[better] = k
-    finally:
-        if pool is not None:
-            pool.shutdown()
     return best, arg
 
 

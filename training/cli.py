@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from training.export import export_onnx
 from training.register import card_fields_for, register_model
-from training.train import TrainConfig, cpu_has_bf16, data_split, load_config, make_loss, train
+from training.train import TrainConfig, data_split, load_config, make_loss, train, training_precision
 from training.transforms import SPINE_LEVELS, SPINE_VERSE_VALUES
 
 TASK_ALIASES = {"lung-nodule": "lung-nodule", "lung_nodule_ct": "lung-nodule", "lung-nodule-detection": "lung-nodule",
@@ -379,8 +379,7 @@ def first_stage_fields(cfg: TrainConfig, result: Any, command: str) -> dict[str,
                 "num_res_units": cfg.num_res_units},
             "command": command, "seconds": round(result.seconds),
             "device": "cuda" if torch.cuda.is_available() else "cpu",
-            "precision": "amp float16" if torch.cuda.is_available() else (
-                "bfloat16 autocast" if cfg.cpu_bf16 and cpu_has_bf16() else "float32"),
+            "precision": training_precision(cfg),
             "loss": _loss_description(cfg),
             "checkpoint": "best validation Dice" if cfg.checkpoint == "best" else "last step",
             **({"initialised_from": str(cfg.init_from)} if cfg.init_from is not None else {}),

@@ -147,6 +147,13 @@ def cpu_has_bf16() -> bool:
         return False
 
 
+def training_precision(cfg: TrainConfig) -> str:
+    """What `train` runs `cfg` under on this machine, for the model card."""
+    if torch.cuda.is_available():
+        return "amp float16"
+    return "bfloat16 autocast" if cfg.cpu_bf16 and cpu_has_bf16() else "float32"
+
+
 def make_network(cfg: TrainConfig) -> torch.nn.Module:
     return build_network(cfg.out_channels, channels=cfg.channels, num_res_units=cfg.num_res_units)
 
