@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?=
+PYNETDICOM_APPS := echoscp echoscu findscu getscu movescu qrscp storescp storescu
 
 .PHONY: run test install lint models clean
 
@@ -12,6 +13,8 @@ $(BIN)/dxgate: pyproject.toml
 	# The local CPU wheel first, so monai does not pull several GB of CUDA wheels.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[train,triton,dev]'
+	# pynetdicom installs its own storescu/echoscu/... scripts; remove them so dcmtk's stay first on PATH.
+	for s in $(PYNETDICOM_APPS); do grep -qs pynetdicom $(BIN)/$$s && rm -f $(BIN)/$$s; done; true
 	touch $@
 
 install: $(BIN)/dxgate

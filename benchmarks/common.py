@@ -326,7 +326,7 @@ def start_dxgate(workdir: Path, models_dir: Path, **config: Any) -> tuple[subpro
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     log_path = workdir / "dxgate.log"
     with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "dicom_gateway.cli", "serve", "--config", str(path)],
+        proc = subprocess.Popen([sys.executable, "-m", "dxgate", "serve", "--config", str(path)],
                                 cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT)
     try:
         wait_for_echo(cfg["dicom_port"], cfg["ae_title"], timeout_s=90, proc=proc)

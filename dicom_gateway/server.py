@@ -14,12 +14,12 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from dicom_gateway.assembly import mark_ready_studies, route_ready_studies
+from dicom_gateway.assemble.completeness import mark_ready_studies, route_ready_studies
 from dicom_gateway.errors import ConfigError
-from dicom_gateway.jobstore import JobStore
 from dicom_gateway.logs import configure_logging
 from dicom_gateway.settings import Settings
-from dicom_gateway.worker import LoadedModel, Worker
+from dicom_gateway.store.jobstore import JobStore
+from dicom_gateway.work.worker import LoadedModel, Worker
 from inference.backends.factory import make_backend
 from inference.device_preprocess import device_preprocessor_for
 from inference.errors import InferenceError
@@ -28,8 +28,8 @@ from inference.pipeline import ModelRunner
 from inference.second_stage import SecondStage
 
 if TYPE_CHECKING:
-    from dicom_gateway.receivers import ReceiverPool
-    from dicom_gateway.scp import StorageSCP
+    from dicom_gateway.receive.receivers import ReceiverPool
+    from dicom_gateway.receive.scp import StorageSCP
 
 log = logging.getLogger("dxgate.server")
 
@@ -87,7 +87,7 @@ class Gateway:
     _threads: list[threading.Thread] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
-        from dicom_gateway.rules import validate_rules
+        from dicom_gateway.route.rules import validate_rules
 
         validate_rules(self.settings.rules)
         for d in (self.settings.data_dir, self.settings.spool_dir, self.settings.outbox_dir):
@@ -95,9 +95,9 @@ class Gateway:
         self.store = JobStore(self.settings.db_path, durable=self.settings.fsync)
 
     def start(self) -> None:
-        from dicom_gateway.scp import StorageSCP
-        from dicom_gateway.sender import Sender
-        from dicom_gateway.spool import Spool
+        from dicom_gateway.receive.scp import StorageSCP
+        from dicom_gateway.receive.spool import Spool
+        from dicom_gateway.send.sender import Sender
 
         s = self.settings
         self.spool = Spool(s.spool_dir, fsync=s.fsync, min_free_bytes=s.min_free_disk_bytes)
@@ -109,7 +109,7 @@ class Gateway:
                         closed, requeued)
         self.models = load_models(s)
         if s.receivers > 1:  # after close_stale_associations(): receivers' associations are live ones
-            from dicom_gateway.receivers import ReceiverPool
+            from dicom_gateway.receive.receivers import ReceiverPool
 
             self.receivers = ReceiverPool(s, self.store)
             self.receivers.start()
@@ -173,7 +173,7 @@ def serve(settings: Settings) -> int:
     """Run until SIGINT/SIGTERM. The HTTP API runs in the main thread (uvicorn handles the signals)."""
     import uvicorn
 
-    from dicom_gateway.api import create_app
+    from dicom_gateway.api.app import create_app
 
     configure_logging(settings.log_level, settings.log_format)
     # uvicorn re-raises the signal it caught once its own shutdown is done; with this handler that

@@ -12,9 +12,9 @@ import pydicom
 import pytest
 import yaml
 
-from dicom_gateway.cli import main
-from dicom_gateway.jobstore import JobStore
 from dicom_gateway.settings import load_settings
+from dicom_gateway.store.jobstore import JobStore
+from dxgate.main import main
 from tests.integration.conftest import start_storescp
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def dicom_files(folder: Path) -> list[pydicom.Dataset]:
 
 # -- config ---------------------------------------------------------------------------------------
 def test_config_example_is_a_valid_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    res = subprocess.run([sys.executable, "-m", "dicom_gateway.cli", "config", "example"], cwd=REPO,
+    res = subprocess.run([sys.executable, "-m", "dxgate", "config", "example"], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     data = yaml.safe_load(res.stdout)
@@ -146,7 +146,7 @@ def test_rules_test_shows_rule_and_model(tmp_path: Path, chest20: Path, smoke_mo
 def test_send_delivers_every_file(tmp_path: Path, chest20: Path, capsys: pytest.CaptureFixture[str]) -> None:
     scp = start_storescp(tmp_path / "dest", "DEST")
     try:
-        code, out, err = run_cli(capsys, "send", chest20, "--port", scp.port, "--aec", "DEST")
+        code, out, err = run_cli(capsys, "send", "-aec", "DEST", "127.0.0.1", scp.port, chest20)
     finally:
         scp.stop()
     assert code == 0, out + err
@@ -159,7 +159,7 @@ def test_send_delivers_every_file(tmp_path: Path, chest20: Path, capsys: pytest.
 def test_send_to_nobody_fails(tmp_path: Path, chest20: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from tests.conftest import free_port
 
-    code, out, err = run_cli(capsys, "send", chest20, "--port", free_port(), "--aec", "DEST")
+    code, out, err = run_cli(capsys, "send", "-aec", "DEST", "127.0.0.1", free_port(), chest20)
     assert code != 0, out
 
 

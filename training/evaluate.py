@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from training.datasets import entry_volume
+from training.errors import LoaderError
 from training.loaders.datalist import SPLITS, read_datalist, sha256_file
-from training.loaders.luna16 import LoaderError
 from training.loaders.verse import VERTEBRA_NAMES
 from training.metrics.froc import FrocResult, froc_cpm
 from training.metrics.vertebrae import (

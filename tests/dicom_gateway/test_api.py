@@ -10,10 +10,10 @@ import pytest
 from fastapi.testclient import TestClient
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
-from dicom_gateway.api import create_app
-from dicom_gateway.jobstore import InstanceRecord, JobStore
+from dicom_gateway.api.app import create_app
 from dicom_gateway.settings import Settings
 from dicom_gateway.states import StudyState
+from dicom_gateway.store.jobstore import InstanceRecord, JobStore
 
 STUDY = "1.2.826.0.1.3680043.10.1"
 SERIES = f"{STUDY}.2"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dicom_gateway.assembly import mark_ready_studies
-from dicom_gateway.jobstore import InstanceRecord, JobStore
+from dicom_gateway.assemble.completeness import mark_ready_studies
 from dicom_gateway.settings import Settings
+from dicom_gateway.store.jobstore import InstanceRecord, JobStore
 
 
 def _rec(sop: str, ae: str, assoc: int) -> InstanceRecord:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from dicom_gateway.errors import JobStateError
-from dicom_gateway.jobstore import InstanceRecord, JobStore
 from dicom_gateway.states import JOB_TRANSITIONS, JobState, StudyState
+from dicom_gateway.store.jobstore import InstanceRecord, JobStore
 
 
 def _rec(sop: str, study: str = "1.2.3", assoc: int | None = None) -> InstanceRecord:

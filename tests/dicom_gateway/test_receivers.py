@@ -133,9 +133,9 @@ def test_sigterm_stops_the_receivers(tmp_path: Path, models_dir: Path) -> None:
 
 def test_a_port_taken_by_another_program_refuses_start(tmp_path: Path) -> None:
     from dicom_gateway.errors import GatewayError
-    from dicom_gateway.jobstore import JobStore
-    from dicom_gateway.receivers import ReceiverPool
+    from dicom_gateway.receive.receivers import ReceiverPool
     from dicom_gateway.settings import Settings
+    from dicom_gateway.store.jobstore import JobStore
 
     with socket.socket() as other:  # a listener without SO_REUSEPORT owns the port
         other.bind(("127.0.0.1", 0))
@@ -150,7 +150,7 @@ def test_a_port_taken_by_another_program_refuses_start(tmp_path: Path) -> None:
 
 SIGNAL_FLOOD = """
 import os, signal, subprocess, sys
-from dicom_gateway.receivers import StopRequest
+from dicom_gateway.receive.receivers import StopRequest
 
 stop = StopRequest()
 stop.install(signal.SIGUSR1)
@@ -182,7 +182,7 @@ def test_stop_request_survives_a_flood_of_signals(tmp_path: Path) -> None:
 
 HANGING_STOP = """
 import multiprocessing as mp, os, signal, sys, threading, time
-from dicom_gateway import receivers, scp
+from dicom_gateway.receive import receivers, scp
 from dicom_gateway.settings import Settings
 
 receivers.SHUTDOWN_GRACE_S = 1.0

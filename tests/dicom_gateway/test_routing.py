@@ -9,10 +9,10 @@ import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from dicom_gateway.routing import route_study
-from dicom_gateway.rules_cli import rules_test_command
-from dicom_gateway.series import SeriesSummary
+from dicom_gateway.route.routing import route_study
+from dicom_gateway.route.series import SeriesSummary
 from dicom_gateway.settings import Range, Rule, RuleMatch, Settings
+from dxgate.rules import rules_test_command
 from inference.model_card import ModelCard
 from inference.model_repo import RegisteredModel
 

@@ -7,8 +7,8 @@ from dataclasses import replace
 import pytest
 
 from dicom_gateway.errors import ConfigError
-from dicom_gateway.rules import rule_matches, validate_rules
-from dicom_gateway.series import SeriesSummary
+from dicom_gateway.route.rules import rule_matches, validate_rules
+from dicom_gateway.route.series import SeriesSummary
 from dicom_gateway.settings import Range, Rule, RuleMatch
 
 CT = SeriesSummary(series_uid="1.2.3.1", modality="CT", body_part="CHEST", series_description="Lung 1.0 B60f",

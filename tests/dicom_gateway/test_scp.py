@@ -13,11 +13,11 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEGLSLossless, 
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
 
-from dicom_gateway import spool as spool_module
-from dicom_gateway.jobstore import JobStore
-from dicom_gateway.scp import StorageSCP
+from dicom_gateway.receive import spool as spool_module
+from dicom_gateway.receive.scp import StorageSCP
+from dicom_gateway.receive.spool import Spool
 from dicom_gateway.settings import Settings
-from dicom_gateway.spool import Spool
+from dicom_gateway.store.jobstore import JobStore
 from tests.dicom_gateway.dicom_factory import dataset_bytes, make_ct, write_ct, write_ct_series
 from tests.integration.dcmtk import free_port, run_echoscu, run_storescu, wait_for_port
 

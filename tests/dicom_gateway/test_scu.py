@@ -10,12 +10,12 @@ import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RLELossless
 
 from dicom_gateway.errors import DeliveryError
-from dicom_gateway.jobstore import JobStore
-from dicom_gateway.scp import StorageSCP
-from dicom_gateway.scu import MAX_CONTEXTS, AssociationFailedError, _contexts_for, _File, send_folder
-from dicom_gateway.scu import store_datasets_or_files as store_files
+from dicom_gateway.receive.scp import StorageSCP
+from dicom_gateway.receive.spool import Spool
+from dicom_gateway.send.scu import MAX_CONTEXTS, AssociationFailedError, _contexts_for, _File, send_folder
+from dicom_gateway.send.scu import store_datasets_or_files as store_files
 from dicom_gateway.settings import Destination, Settings
-from dicom_gateway.spool import Spool
+from dicom_gateway.store.jobstore import JobStore
 from tests.dicom_gateway.dicom_factory import write_ct, write_ct_series
 from tests.integration.dcmtk import free_port, storescp
 

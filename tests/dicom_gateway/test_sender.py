@@ -11,10 +11,10 @@ from typing import Any
 import pydicom
 import pytest
 
-from dicom_gateway.jobstore import JobStore
-from dicom_gateway.sender import Sender, outputs_for
+from dicom_gateway.send.sender import Sender, outputs_for
 from dicom_gateway.settings import Destination, SenderSettings, Settings
 from dicom_gateway.states import DeliveryState, JobState
+from dicom_gateway.store.jobstore import JobStore
 from tests.dicom_gateway.dicom_factory import write_ct
 from tests.integration.dcmtk import free_port, start_storescp, storescp
 

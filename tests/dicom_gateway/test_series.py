@@ -10,9 +10,9 @@ import pytest
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from dicom_gateway.jobstore import InstanceRecord, JobStore
-from dicom_gateway.rules import select_series
-from dicom_gateway.series import SeriesSummary, classify_orientation, summarise_folder, summarise_series
+from dicom_gateway.route.rules import select_series
+from dicom_gateway.route.series import SeriesSummary, classify_orientation, summarise_folder, summarise_series
+from dicom_gateway.store.jobstore import InstanceRecord, JobStore
 from inference.model_card import ModelCard
 
 AXIAL = (1, 0, 0, 0, 1, 0)

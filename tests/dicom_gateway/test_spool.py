@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from dicom_gateway import spool as spool_module
 from dicom_gateway.errors import SpoolFullError, UnparsableDatasetError, dimse_status
-from dicom_gateway.spool import Spool
+from dicom_gateway.receive import spool as spool_module
+from dicom_gateway.receive.spool import Spool
 
 STUDY, SERIES, SOP = "1.2.3", "1.2.3.4", "1.2.3.4.5"
 PAYLOAD = b"\x00" * 128 + b"DICM" + b"meta and data set bytes" * 100

@@ -10,10 +10,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicom_gateway.jobstore import InstanceRecord, JobStore
 from dicom_gateway.server import load_models
 from dicom_gateway.settings import Destination, Settings
-from dicom_gateway.worker import Worker
+from dicom_gateway.store.jobstore import InstanceRecord, JobStore
+from dicom_gateway.work.worker import Worker
 from tests.inference.encode_fixtures import build_ct_series
 
 

@@ -97,7 +97,7 @@ def write_config(tmp: Path, models_dir: Path, *, destinations: list[dict] | None
 def start_gateway(config: Path, timeout: float = 90.0, env: dict[str, str] | None = None) -> RunningGateway:
     cfg = yaml.safe_load(config.read_text())
     log_path = config.parent / f"dxgate-{time.monotonic_ns()}.log"
-    proc = subprocess.Popen([sys.executable, "-m", "dicom_gateway.cli", "serve", "--config", str(config)],
+    proc = subprocess.Popen([sys.executable, "-m", "dxgate", "serve", "--config", str(config)],
                             cwd=REPO, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
                             env={**os.environ, **(env or {})})
     gw = RunningGateway(proc, config, Path(cfg["data_dir"]), cfg["dicom_port"], cfg["http_port"], log_path)

@@ -327,7 +327,7 @@ def _start_unready_gateway(config: Path, timeout: float = 90.0) -> RunningGatewa
 
     cfg = yaml.safe_load(config.read_text())
     log_path = config.parent / "dxgate-unready.log"
-    proc = subprocess.Popen([sys.executable, "-m", "dicom_gateway.cli", "serve", "--config", str(config)],
+    proc = subprocess.Popen([sys.executable, "-m", "dxgate", "serve", "--config", str(config)],
                             cwd=REPO, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
     gw = RunningGateway(proc, config, Path(cfg["data_dir"]), cfg["dicom_port"], cfg["http_port"], log_path)
     try:
@@ -385,7 +385,7 @@ def test_dead_letter_then_cli_replay_delivers(tmp_path: Path, gateway_models: Pa
         assert failed["outputs"], failed
 
         dest = start_storescp(tmp_path / "dest", "DEST", port=port)
-        res = subprocess.run([sys.executable, "-m", "dicom_gateway.cli", "jobs", "--config", str(cfg), "replay",
+        res = subprocess.run([sys.executable, "-m", "dxgate", "jobs", "--config", str(cfg), "replay",
                               str(failed["id"])], cwd=REPO, capture_output=True, text=True, timeout=60)
         assert res.returncode == 0, res.stderr
         assert "SENDING" in res.stdout, res.stdout

@@ -39,7 +39,7 @@ def _configs(root: Path, **first: object) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def lung_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from dicom_gateway.cli import main
+    from dxgate.main import main
 
     root = tmp_path_factory.mktemp("lung_model")
     config, second = _configs(root)
@@ -114,7 +114,7 @@ def test_the_command_resumes_a_finished_run_without_training_again(lung_model: t
 
 def test_a_second_stage_is_refused_before_training_where_it_does_not_belong(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from dicom_gateway.cli import main
+    from dxgate.main import main
 
     config, second = _configs(tmp_path)
     spine = tmp_path / "spine.yaml"

@@ -110,8 +110,8 @@ def test_the_gateway_runs_the_second_stage_with_the_lung_model(second_stage: Pat
 
 
 def test_a_rule_naming_the_second_stage_routes_nothing_and_says_why(second_stage: Path) -> None:
-    from dicom_gateway.routing import route_study
-    from dicom_gateway.series import SeriesSummary
+    from dicom_gateway.route.routing import route_study
+    from dicom_gateway.route.series import SeriesSummary
     from dicom_gateway.settings import Rule, RuleMatch
     from inference.model_repo import discover_models
 

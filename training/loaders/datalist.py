@@ -21,7 +21,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from training.loaders.luna16 import Case, LoaderError
+from training.errors import LoaderError
+from training.loaders.luna16 import Case
 from training.loaders.tianchi import KeypointCase
 from training.loaders.verse import SpineCase
 

@@ -29,15 +29,13 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from training.errors import LoaderError
+
 log = logging.getLogger(__name__)
 
 _ANNOTATION_NAMES = ("annotations.csv",)
 _CANDIDATE_NAMES = ("candidates_V2.csv", "candidates.csv")
 _EXCLUDED_NAMES = ("annotations_excluded.csv",)
-
-
-class LoaderError(ValueError):
-    """A dataset on disk does not follow the format it claims (names the file and the problem)."""
 
 
 @dataclass(frozen=True)

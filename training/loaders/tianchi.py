@@ -35,7 +35,7 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
-from training.loaders.luna16 import LoaderError
+from training.errors import LoaderError
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ import nibabel as nib
 import nibabel.orientations as nio
 import numpy as np
 
-from training.loaders.luna16 import LoaderError
+from training.errors import LoaderError
 
 VERTEBRA_NAMES: dict[int, str] = {
     **{i: f"C{i}" for i in range(1, 8)},

@@ -16,10 +16,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from dicom_gateway.errors import ConfigError, GatewayError, JobStateError, NotFoundError
-from dicom_gateway.jobstore import JobStore
-from dicom_gateway.series import SeriesSummary, summarise_series
+from dicom_gateway.route.series import SeriesSummary, summarise_series
 from dicom_gateway.settings import Settings
 from dicom_gateway.states import DeliveryState, JobState, StudyState
+from dicom_gateway.store.jobstore import JobStore
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import pydicom
 
-from dicom_gateway.jobstore import JobStore
 from dicom_gateway.settings import Settings
+from dicom_gateway.store.jobstore import JobStore
 from inference.errors import InferenceError, ModelNotFoundError, VolumeError
 from inference.model_repo import RegisteredModel
 from inference.pipeline import ModelRunner

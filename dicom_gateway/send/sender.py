@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from dicom_gateway.errors import DeliveryError
-from dicom_gateway.jobstore import JobStore
-from dicom_gateway.scu import AssociationFailedError, is_success, store_datasets_or_files
+from dicom_gateway.send.scu import AssociationFailedError, is_success, store_datasets_or_files
 from dicom_gateway.settings import Destination, Settings
+from dicom_gateway.store.jobstore import JobStore
 
 log = logging.getLogger("dxgate.sender")
 

@@ -32,8 +32,8 @@ from multiprocessing.synchronize import Event as MpEvent
 from pathlib import Path
 
 from dicom_gateway.errors import ConfigError, GatewayError
-from dicom_gateway.jobstore import JobStore
 from dicom_gateway.settings import Settings
+from dicom_gateway.store.jobstore import JobStore
 
 log = logging.getLogger("dxgate.receivers")
 
@@ -132,8 +132,8 @@ def run_receiver(settings_json_or_path: str, stop_event: MpEvent, ready: MpEvent
     `ready` is set once listening; `report` receives ("open" | "close", association id) tuples.
     """
     from dicom_gateway.logs import configure_logging
-    from dicom_gateway.scp import StorageSCP
-    from dicom_gateway.spool import Spool
+    from dicom_gateway.receive.scp import StorageSCP
+    from dicom_gateway.receive.spool import Spool
 
     parent_pid = parent_pid if parent_pid is not None else os.getppid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent decides

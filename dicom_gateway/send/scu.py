@@ -1,6 +1,6 @@
 """C-STORE SCU (PS3.4 Annex B, PS3.7 9.1.1): send Part 10 files to a Storage SCP.
 
-`send_folder` is `dxgate send` (like dcmtk `storescu +sd`): one association for a whole folder.
+`send_paths` is `dxgate send` (like dcmtk `storescu +sd`): one association for all the files named.
 `store_datasets_or_files` is what the result sender uses: one association per batch, a status per
 file, DeliveryError when the association cannot be established or is lost.
 
@@ -26,7 +26,7 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 
 from dicom_gateway.errors import DeliveryError
-from dicom_gateway.scp import set_tcp_nodelay
+from dicom_gateway.receive.scp import set_tcp_nodelay
 from dicom_gateway.settings import Destination
 
 log = logging.getLogger("dxgate.scu")
@@ -174,14 +174,21 @@ def store_datasets_or_files(paths: Sequence[Path], destination: Destination, cal
 
 def send_folder(folder: Path, host: str, port: int, called_ae: str, calling_ae: str = "DXGATE_SCU",
                 max_pdu: int = 0, timeout_s: float = 30.0) -> SendReport:
-    """C-STORE every readable DICOM Part 10 file under `folder` (recursive) in one association.
+    """C-STORE every readable DICOM Part 10 file under `folder` (recursive) in one association."""
+    return send_paths([folder], host, port, called_ae, calling_ae, max_pdu, timeout_s)
 
-    Files that are not DICOM are listed in `skipped`. Raises DeliveryError when the peer cannot be
-    associated with; failures of single files are counted in the report.
+
+def send_paths(paths: Sequence[Path], host: str, port: int, called_ae: str, calling_ae: str = "DXGATE_SCU",
+               max_pdu: int = 0, timeout_s: float = 30.0) -> SendReport:
+    """C-STORE every readable DICOM Part 10 file among `paths` (files, or folders searched recursively).
+
+    Files that are not DICOM are listed in `skipped`. Raises FileNotFoundError for a path that does not
+    exist and DeliveryError when the peer cannot be associated with; failures of single files are counted
+    in the report.
     """
     report = SendReport()
     files: list[_File] = []
-    for path in sorted(_walk(Path(folder))):
+    for path in sorted(p for folder in paths for p in _walk(Path(folder))):
         try:
             files.append(_read_identity(path))
         except DeliveryError:
@@ -190,8 +197,8 @@ def send_folder(folder: Path, host: str, port: int, called_ae: str, calling_ae: 
         report.statuses, _lost = _store_files(files, host, port, called_ae, calling_ae, max_pdu, timeout_s)
     report.sent = sum(1 for _, s in report.statuses if is_success(s))
     report.failed = len(report.statuses) - report.sent
-    log.info("folder sent", extra={"count": report.sent, "destination": f"{called_ae}@{host}:{port}",
-                                   "reason": f"{report.failed} failed, {len(report.skipped)} skipped"})
+    log.info("files sent", extra={"count": report.sent, "destination": f"{called_ae}@{host}:{port}",
+                                  "reason": f"{report.failed} failed, {len(report.skipped)} skipped"})
     return report
 
 
@@ -199,7 +206,7 @@ def _walk(folder: Path) -> list[Path]:
     if folder.is_file():
         return [folder]
     if not folder.is_dir():
-        raise FileNotFoundError(f"no such folder: {folder}")
+        raise FileNotFoundError(f"no such file or folder: {folder}")
     out = []
     for root, _dirs, names in os.walk(folder):
         out += [Path(root) / n for n in names]

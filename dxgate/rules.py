@@ -7,16 +7,18 @@ why nothing routes. Prints UIDs and technical attributes, never patient data.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TextIO
 
 from dicom_gateway.errors import ConfigError
-from dicom_gateway.routing import route_study
-from dicom_gateway.rules import rule_matches, validate_rules
-from dicom_gateway.series import SeriesSummary, summarise_folder
+from dicom_gateway.route.routing import route_study
+from dicom_gateway.route.rules import rule_matches, validate_rules
+from dicom_gateway.route.series import SeriesSummary, summarise_folder
 from dicom_gateway.settings import Rule, Settings
+from dxgate.common import add_config_option, settings_of
 from inference.errors import InferenceError
 from inference.model_repo import RegisteredModel, discover_models
 
@@ -91,3 +93,15 @@ def rules_test_command(folder: Path, settings: Settings, models: Mapping[str, Re
         for why in reasons:
             print(f"  {why}", file=out)
     return 0 if routed else 1
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    sp = add_config_option(sub.add_parser("rules", help="show how the routing rules route a folder of DICOM files",
+                                          description=__doc__))
+    sp.add_argument("action", choices=["test"], help="test: route the folder's studies as the gateway would")
+    sp.add_argument("folder", type=Path, help="folder of DICOM files (searched recursively; headers only)")
+    sp.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    return rules_test_command(args.folder, settings_of(args))

@@ -44,11 +44,11 @@ from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
 from dicom_gateway import __version__
-from dicom_gateway.dicom_headers import identifiers, instance_record, parse_dataset_bytes
 from dicom_gateway.errors import STATUS_SUCCESS, UnparsableDatasetError, dimse_status
-from dicom_gateway.jobstore import JobStore
+from dicom_gateway.receive.headers import identifiers, instance_record, parse_dataset_bytes
+from dicom_gateway.receive.spool import Spool
 from dicom_gateway.settings import Settings
-from dicom_gateway.spool import Spool
+from dicom_gateway.store.jobstore import JobStore
 
 log = logging.getLogger("dxgate.scp")
 

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from dicom_gateway.dicom_headers import classify_orientation, instance_record, read_header_file
 from dicom_gateway.errors import UnparsableDatasetError
+from dicom_gateway.receive.headers import classify_orientation, instance_record, read_header_file
 
 __all__ = ["SeriesSummary", "classify_orientation", "summarise_folder", "summarise_series"]
 

@@ -11,9 +11,9 @@ import logging
 import time
 from collections.abc import Callable
 
-from dicom_gateway.jobstore import JobStore
 from dicom_gateway.settings import Settings
 from dicom_gateway.states import StudyState
+from dicom_gateway.store.jobstore import JobStore
 
 log = logging.getLogger("dxgate.assembly")
 
@@ -36,8 +36,8 @@ def mark_ready_studies(settings: Settings, store: JobStore, now: Callable[[], fl
 
 def route_ready_studies(settings: Settings, store: JobStore, models: dict) -> int:
     """Route every READY study: jobs QUEUED per (model, series), or UNROUTED with the reasons recorded."""
-    from dicom_gateway.routing import route_study
-    from dicom_gateway.series import summarise_series
+    from dicom_gateway.route.routing import route_study
+    from dicom_gateway.route.series import summarise_series
 
     created = 0
     all_destinations = [d.name for d in settings.destinations]

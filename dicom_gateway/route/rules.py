@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable, Sequence
 
 from dicom_gateway.errors import ConfigError
-from dicom_gateway.series import SeriesSummary
+from dicom_gateway.route.series import SeriesSummary
 from dicom_gateway.settings import Range, Rule, RuleMatch
 from inference.model_card import ModelCard
 

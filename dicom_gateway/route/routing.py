@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from dicom_gateway.rules import rule_matches, select_series
-from dicom_gateway.series import SeriesSummary
+from dicom_gateway.route.rules import rule_matches, select_series
+from dicom_gateway.route.series import SeriesSummary
 from dicom_gateway.settings import Rule
 from inference.model_repo import RegisteredModel
 

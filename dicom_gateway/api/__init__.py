@@ -1,0 +1,1 @@
+"""The HTTP API: health, jobs and studies."""

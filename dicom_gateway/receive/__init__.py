@@ -1,0 +1,1 @@
+"""Receive: the C-STORE SCP, its receiver processes, the spool and header parsing (PS3.4 Annex B)."""

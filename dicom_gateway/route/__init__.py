@@ -1,0 +1,1 @@
+"""Route: declarative rules and series selection; which model reads which series, and why not."""

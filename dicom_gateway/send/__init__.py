@@ -1,0 +1,1 @@
+"""Send: the C-STORE SCU and the sender loop (retries with back-off, dead letter)."""

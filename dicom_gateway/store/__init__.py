@@ -1,0 +1,1 @@
+"""The job store: instances, studies, jobs and deliveries in one SQLite database."""
