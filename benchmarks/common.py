@@ -1,6 +1,8 @@
-"""Shared benchmark plumbing: machine info, results folder, JSON/Markdown/PNG writers, progress, dcmtk.
+"""Shared benchmark plumbing: machine info, results folder, JSON/Markdown/PNG writers, progress.
 
-Benchmarks are not tests: they print, save figures and record every setting that shaped a number.
+Benchmarks are not tests: they print, save figures and record every setting that shaped a number. The
+servers, peers and studies they measure come from the test harness (`harness`): dcmtk peers, the
+gateway launcher, the Triton launcher and the synthetic CT writer.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+
+from harness.system import system_tool
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -58,8 +62,9 @@ def gpu_info() -> list[dict[str, str]]:
 
 def dcmtk_version() -> str | None:
     try:
-        out = subprocess.run([dcmtk("storescu"), "--version"], capture_output=True, text=True, timeout=10).stdout
-    except (FileNotFoundError, subprocess.SubprocessError, OSError):
+        out = subprocess.run([system_tool("storescu"), "--version"], capture_output=True, text=True,
+                             timeout=10).stdout
+    except (subprocess.SubprocessError, OSError):
         return None
     match = re.search(r"v(\d+\.\d+\.\d+)", out)
     return match.group(1) if match else None
@@ -179,175 +184,20 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-# -- dcmtk and processes -------------------------------------------------------------------------
-def dcmtk(tool: str) -> str:
-    """Path of a dcmtk tool; skips look-alikes such as pynetdicom's Python `storescu` in a venv."""
-    candidates = [Path(os.environ["DCMTK_BIN"]) / tool] if os.environ.get("DCMTK_BIN") else []
-    candidates += [Path(d) / tool for d in os.environ.get("PATH", "").split(os.pathsep) if d]
-    candidates += [Path("/usr/bin") / tool, Path("/usr/local/bin") / tool]
-    for path in candidates:
-        if path.is_file() and os.access(path, os.X_OK):
-            with open(path, "rb") as f:
-                if f.read(2) != b"#!":  # a real binary, not a script
-                    return str(path)
-    raise FileNotFoundError(f"dcmtk's {tool} is not installed (apt-get install dcmtk)")
+# -- models --------------------------------------------------------------------------------------
+def lung_models(work: Path) -> tuple[Path, str]:
+    """(models folder, its description): the shipped lung model, else one trained 5 steps into `work`."""
+    shipped = REPO / "models"
+    if any((shipped / "lung_nodule_ct").glob("*/model.onnx")):
+        return shipped, "shipped models/lung_nodule_ct"
+    from training.smoke_model import build_smoke_model  # torch: only when there is no shipped model
+
+    build_smoke_model(work / "models", name="lung_nodule_ct", steps=5)
+    return work / "models", "smoke model (training.smoke_model, 5 steps)"
 
 
-def dcmtk_env() -> dict[str, str]:
-    """dcmtk reads TCP_NODELAY from the environment (dcmtk/dcmnet/docs/envvars.txt)."""
-    return {**os.environ, "TCP_NODELAY": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_echo(port: int, aec: str, timeout_s: float = 60.0, proc: subprocess.Popen | None = None) -> None:
-    """Wait until a C-ECHO to 127.0.0.1:port succeeds (PS3.7 9.1.5 verification)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the server exited with status {proc.returncode} before answering C-ECHO")
-        r = subprocess.run([dcmtk("echoscu"), "-aec", aec, "-to", "2", "127.0.0.1", str(port)],
-                           capture_output=True, env=dcmtk_env())
-        if r.returncode == 0:
-            return
-        time.sleep(0.3)
-    raise TimeoutError(f"no C-ECHO answer on port {port} within {timeout_s:.0f} s")
-
-
-def stop(proc: subprocess.Popen, timeout_s: float = 15.0) -> None:
-    """SIGTERM, then SIGKILL: only the process this benchmark started."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-
-
+# -- processes -----------------------------------------------------------------------------------
 def peak_rss_mb(pid: int) -> float | None:
     """VmHWM (peak resident set) of a live process, in MiB."""
     match = re.search(r"^VmHWM:\s*(\d+) kB", _read(f"/proc/{pid}/status"), re.M)
     return round(int(match.group(1)) / 1024, 1) if match else None
-
-
-def dir_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
-
-# -- synthetic studies ---------------------------------------------------------------------------
-# Every benchmark study has the same voxel size (1 mm slices, 0.7 mm pixels at 512 rows), so cost is compared
-# per slice: with the generator's seeded spacing (0.625-2.5 mm slices) the model grid, and so the inference
-# cost, of two studies with the same slice count differed by up to 4x.
-STUDY_SLICE_MM = 1.0
-STUDY_FOV_MM = 358.4
-
-
-def write_study(out_dir: Path, slices: int, rows: int, seed: int) -> list[Path]:
-    """A synthetic axial chest CT series (not patient data) as one file per slice; returns the files.
-
-    Uses training.synthetic.write_chest_ct_study (realistic anatomy) when it is available, else a
-    noise phantom written with pydicom (enough for transfer and latency numbers).
-    """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        from training.synthetic import write_chest_ct_study
-    except ImportError:
-        return _noise_study(out_dir, slices, rows, seed)
-    px = STUDY_FOV_MM / rows
-    study = write_chest_ct_study(out_dir, seed=seed, slices=slices, rows=rows, spacing=(STUDY_SLICE_MM, px, px))
-    return sorted(Path(f) for f in study.files)
-
-
-def _noise_study(out_dir: Path, slices: int, rows: int, seed: int) -> list[Path]:
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    rng = np.random.default_rng(seed)
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
-    files = []
-    for k in range(slices):
-        ds = _ct_slice(rng, rows, k, study, series, frame)
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, ds.SOPInstanceUID
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta = meta
-        path = out_dir / f"CT{k:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        files.append(path)
-    return files
-
-
-def _ct_slice(rng: np.random.Generator, rows: int, k: int, study: str, series: str, frame: str) -> Any:
-    """One CT Image IOD slice (PS3.3 A.3) with synthetic identifiers."""
-    from pydicom.dataset import Dataset
-    from pydicom.uid import CTImageStorage, generate_uid
-
-    ds = Dataset()
-    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "SYNTHETIC^BENCH", "BENCH0001", "", "O"
-    ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "20240101", "120000", "BENCH1", "1"
-    ds.ReferringPhysicianName, ds.Manufacturer = "", "dxgate-benchmark"
-    ds.Modality, ds.BodyPartExamined, ds.SeriesNumber, ds.InstanceNumber = "CT", "CHEST", 1, k + 1
-    ds.SeriesDescription, ds.ImageType = "SYNTHETIC CHEST", ["ORIGINAL", "PRIMARY", "AXIAL"]
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.ImagePositionPatient = [-175.0, -175.0, -float(k) * 1.25]
-    ds.PixelSpacing, ds.SliceThickness = [350.0 / rows, 350.0 / rows], 1.25
-    ds.Rows = ds.Columns = rows
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-    ds.RescaleIntercept, ds.RescaleSlope, ds.KVP = -1024, 1, 120
-    ds.PixelData = rng.integers(0, 1400, (rows, rows), dtype=np.int16).tobytes()
-    return ds
-
-
-# -- dxgate serve --------------------------------------------------------------------------------
-def start_dxgate(workdir: Path, models_dir: Path, **config: Any) -> tuple[subprocess.Popen, dict[str, Any]]:
-    """Start `dxgate serve --config FILE` on free loopback ports; wait for C-ECHO and /healthz.
-
-    Returns (process, config). Raises RuntimeError (with the log tail) when it cannot start.
-    """
-    import urllib.request
-
-    import yaml
-
-    cfg: dict[str, Any] = {
-        "ae_title": "DXGATE", "bind_address": "127.0.0.1", "dicom_port": free_port(), "http_port": free_port(),
-        "data_dir": str(workdir / "var"), "models_dir": str(models_dir), "quiet_seconds": 1.0,
-        "min_free_disk_mb": 1, "fsync": True, "destinations": [], "rules": [], "log_format": "json", **config,
-    }
-    workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / "dxgate.yaml"
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    log_path = workdir / "dxgate.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "dxgate", "serve", "--config", str(path)],
-                                cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT)
-    try:
-        wait_for_echo(cfg["dicom_port"], cfg["ae_title"], timeout_s=90, proc=proc)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{cfg['http_port']}/healthz", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise
-                time.sleep(0.2)
-    except Exception as exc:
-        stop(proc)
-        tail = log_path.read_text(errors="replace")[-2000:]
-        raise RuntimeError(f"dxgate serve did not start: {exc}\n{tail}") from exc
-    return proc, cfg
-
-
-def api_get(http_port: int, path: str) -> Any:
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}{path}", timeout=10) as r:
-        return json.loads(r.read())

@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from contextlib import ExitStack
@@ -20,6 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import common
+from harness.ct import write_chest_study
+from harness.dcmtk import run_storescu, start_storescp
+from harness.gateway import RunningGateway, start_gateway, write_config
+from harness.triton_server import serve_onnx_model
 
 NAME = "e2e"
 STAGES = ("receive", "quiet_wait", "load", "preprocess", "infer", "postprocess", "encode", "validate", "send")
@@ -32,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--senders", type=int, nargs="+", default=None, help="concurrent senders (default 1 4)")
     p.add_argument("--rows", type=int, default=None, help="rows = columns (default 512; tiny 128)")
     p.add_argument("--quiet-seconds", type=float, default=None, help="dxgate quiet_seconds (default 2; tiny 1)")
-    p.add_argument("--fsync", choices=["on", "off"], default="on")
+    p.add_argument("--fsync", choices=["on", "off"], default="on", help="dxgate fsync setting (default on)")
     p.add_argument("--workers", type=int, default=1, help="dxgate worker.count")
     p.add_argument("--timeout", type=float, default=None, help="seconds to wait for one configuration")
     p.add_argument("--backend", nargs="+", choices=["onnxruntime", "triton"], default=["onnxruntime"],
@@ -40,21 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "server from nvidia-pytriton serving the same ONNX over gRPC + system shared memory)")
 
 
-def _models(work: Path) -> tuple[Path, str]:
-    shipped = common.REPO / "models"
-    if any((shipped / "lung_nodule_ct").glob("*/model.onnx")):
-        return shipped, "shipped models/lung_nodule_ct"
-    from training.smoke_model import build_smoke_model
-
-    build_smoke_model(work / "models", name="lung_nodule_ct", steps=5)
-    return work / "models", "smoke model (training.smoke_model, 5 steps)"
-
-
 def _send(files: list[Path], port: int) -> float:
-    proc = subprocess.run([common.dcmtk("storescu"), "-aet", "BENCHSCU", "-aec", "DXGATE", "127.0.0.1", str(port),
-                           *map(str, files)], capture_output=True, env=common.dcmtk_env(), timeout=1800)
+    proc = run_storescu(files, port, "DXGATE", calling_ae="BENCHSCU", timeout_s=1800)
     if proc.returncode != 0:
-        raise RuntimeError(f"storescu failed: {proc.stderr.decode(errors='replace')[-500:]}")
+        raise RuntimeError(f"storescu failed: {proc.stderr[-500:]}")
     return time.time()
 
 
@@ -75,32 +66,32 @@ def _delivered(od: Path) -> dict[str, float]:
     return last
 
 
-def _wait_jobs(port: int, studies: set[str], deadline: float, proc: subprocess.Popen) -> list[dict[str, Any]]:
+def _wait_jobs(gw: RunningGateway, studies: set[str], deadline: float) -> list[dict[str, Any]]:
     while True:
-        jobs = [j for j in common.api_get(port, "/jobs?limit=1000") if j.get("study_uid") in studies]
+        jobs = [j for j in gw.api("/jobs?limit=1000") if j.get("study_uid") in studies]
         done = {j["study_uid"] for j in jobs if j.get("state") in FINAL}
         if done >= studies and all(j.get("state") in FINAL for j in jobs):
             return jobs
-        if proc.poll() is not None:
-            raise RuntimeError(f"dxgate exited with status {proc.returncode}")
+        if gw.proc.poll() is not None:
+            raise RuntimeError(f"dxgate exited with status {gw.proc.returncode}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"{len(studies - done)} of {len(studies)} studies not finished")
         time.sleep(0.5)
 
 
-def _one_config(studies: list[tuple[str, list[Path]]], senders: int, cfg: dict[str, Any], od: Path,
-                proc: subprocess.Popen, timeout: float) -> list[dict[str, Any]]:
+def _one_config(studies: list[tuple[str, list[Path]]], senders: int, gw: RunningGateway, od: Path,
+                timeout: float) -> list[dict[str, Any]]:
     sent: dict[str, float] = {}
     with cf.ThreadPoolExecutor(max_workers=senders) as pool:
-        futures = {pool.submit(_send, files, cfg["dicom_port"]): uid for uid, files in studies}
+        futures = {pool.submit(_send, files, gw.dicom_port): uid for uid, files in studies}
         for fut in common.progress(cf.as_completed(futures), f"send x{senders}", total=len(futures)):
             sent[futures[fut]] = fut.result()
-    jobs = _wait_jobs(cfg["http_port"], set(sent), time.monotonic() + timeout, proc)
+    jobs = _wait_jobs(gw, set(sent), time.monotonic() + timeout)
     time.sleep(0.5)  # let storescp finish its last file
     delivered = _delivered(od)
     rows = []
     for job in jobs:
-        detail = common.api_get(cfg["http_port"], f"/jobs/{job['id']}")
+        detail = gw.api(f"/jobs/{job['id']}")
         stage = detail.get("stage_seconds") or {}
         uid = job["study_uid"]
         rows.append({
@@ -124,20 +115,16 @@ def run(args: argparse.Namespace, out: Path, info: dict[str, Any]) -> dict[str, 
         "destination": "dcmtk storescp --fork", "latency": "storescu exit -> mtime of last result file"})
     with tempfile.TemporaryDirectory(prefix="dxgate-e2e-") as tmp_name:
         tmp = Path(tmp_name)
-        models_dir, result["settings"]["model"] = _models(tmp)
-        od, dest_port = tmp / "destination", common.free_port()
-        od.mkdir()
-        dest = subprocess.Popen([common.dcmtk("storescp"), "-aet", "STORESCP", "-od", str(od), "--fork",
-                                 str(dest_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                env=common.dcmtk_env())
+        models_dir, result["settings"]["model"] = common.lung_models(tmp)
+        od = tmp / "destination"
+        dest = start_storescp(od, "STORESCP", extra=["--fork"])
         try:
-            common.wait_for_echo(dest_port, "STORESCP", proc=dest)
             for backend in args.backend:
                 with ExitStack() as stack:
-                    _run_backend(backend, stack, args, result, tmp, models_dir, od, dest_port, quiet, n,
+                    _run_backend(backend, stack, args, result, tmp, models_dir, od, dest.port, quiet, n,
                                  slice_list, senders_list, rows, timeout)
         finally:
-            common.stop(dest)
+            dest.stop()
     result["summary"] = _summary(result)
     _write(result, out)
     return result
@@ -147,10 +134,6 @@ def _backend_settings(backend: str, stack: ExitStack, models_dir: Path, tmp: Pat
     """dxgate `backends:` for the lung model; starts a Triton server for 'triton' (closed with `stack`)."""
     if backend == "onnxruntime":
         return {}
-    if str(common.REPO) not in sys.path:
-        sys.path.insert(0, str(common.REPO))
-    from tests.integration.triton_server import serve_onnx_model
-
     onnx = next((models_dir / "lung_nodule_ct").glob("*/model.onnx"))
     ep = stack.enter_context(serve_onnx_model(onnx, "lung_nodule_ct", log_path=tmp / "tritonserver.log"))
     return {"lung_nodule_ct": {"kind": "triton", "url": ep.grpc_url, "protocol": "grpc", "shared_memory": True}}
@@ -162,12 +145,12 @@ def _run_backend(backend: str, stack: ExitStack, args: argparse.Namespace, resul
     """All configurations through one gateway whose lung model runs on `backend`."""
     try:
         backends = _backend_settings(backend, stack, models_dir, tmp)
-        gw, cfg = common.start_dxgate(
+        gw = start_gateway(write_config(
             tmp / f"dxgate-{backend}", models_dir, fsync=args.fsync == "on", quiet_seconds=quiet,
             worker={"count": args.workers}, backends=backends,
             destinations=[{"name": "dest", "ae_title": "STORESCP", "host": "127.0.0.1", "port": dest_port}],
             rules=[{"name": "chest", "match": {"modality": ["CT"], "body_part": ["CHEST"]},
-                    "models": ["lung_nodule_ct"], "destinations": ["dest"]}])
+                    "models": ["lung_nodule_ct"], "destinations": ["dest"]}]), timeout=120)
     except Exception as exc:  # no gateway (or no Triton server) for this backend: say why, go on
         result.setdefault("unavailable", {})[backend] = str(exc)[-1000:]
         common.log(f"{backend}: dxgate could not start: {str(exc).splitlines()[0]}")
@@ -180,13 +163,13 @@ def _run_backend(backend: str, stack: ExitStack, args: argparse.Namespace, resul
                 for _ in common.progress(range(n), f"write {slices}-slice studies"):
                     seed += 1
                     folder = tmp / "studies" / str(seed)
-                    files = sorted(folder.glob("*.dcm")) or common.write_study(folder, slices, rows, seed)
+                    files = sorted(folder.glob("*.dcm")) or write_chest_study(folder, slices, rows, seed)
                     studies.append((_study_uid(files[0]), files))
                 # a study already sent to the previous backend's gateway is new to this one
                 try:
-                    rows_ = _one_config(studies, senders, cfg, od, gw, timeout)
+                    rows_ = _one_config(studies, senders, gw, od, timeout)
                 except (TimeoutError, RuntimeError, OSError) as exc:
-                    result.setdefault("errors", []).append(_diagnose(exc, studies, cfg, tmp / f"dxgate-{backend}"))
+                    result.setdefault("errors", []).append(_diagnose(exc, studies, gw))
                     common.log(f"{backend} {slices} slices x{senders}: {exc}")
                     continue
                 for r in rows_:
@@ -197,23 +180,21 @@ def _run_backend(backend: str, stack: ExitStack, args: argparse.Namespace, resul
                 common.log(f"{backend} {slices} slices x{senders}: "
                            f"{common.stats([r['latency_s'] for r in rows_ if r['latency_s']])['p50']} s p50")
     finally:
-        common.stop(gw)
+        gw.stop()
 
 
-def _diagnose(exc: Exception, studies: list[tuple[str, list[Path]]], cfg: dict[str, Any], tmp: Path) -> dict:
+def _diagnose(exc: Exception, studies: list[tuple[str, list[Path]]], gw: RunningGateway) -> dict:
     """What the gateway says about the studies that did not finish, and its log tail."""
     states = {}
     for uid, _ in studies:
         try:
-            study = common.api_get(cfg["http_port"], f"/studies/{uid}")
+            study = gw.api(f"/studies/{uid}")
             states[uid] = {"state": study.get("state"), "reason": study.get("reason"),
                            "jobs": [(j.get("state"), j.get("failed_stage"), j.get("reason"))
                                     for j in study.get("jobs", [])]}
         except OSError as err:
             states[uid] = {"error": str(err)}
-    log_path = tmp / "dxgate.log"
-    tail = log_path.read_text(errors="replace")[-3000:] if log_path.exists() else ""
-    return {"error": f"{type(exc).__name__}: {exc}", "studies": states, "dxgate_log_tail": tail}
+    return {"error": f"{type(exc).__name__}: {exc}", "studies": states, "dxgate_log_tail": gw.log()[-3000:]}
 
 
 def _study_uid(path: Path) -> str:

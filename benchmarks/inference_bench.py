@@ -9,7 +9,6 @@ sliding-window pass over one volume (inference.sliding_window.sliding_window_inf
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import common
+from harness.triton_server import TritonUnavailable, serve_onnx_model
 from inference.backends.base import Backend
 
 NAME = "inference"
@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shape", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
                    help="volume on the model grid (default 96 192 192; tiny 24 48 48)")
     p.add_argument("--roi", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"), help="sliding-window patch")
-    p.add_argument("--overlap", type=float, default=0.25)
+    p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap between patches")
     p.add_argument("--batch", type=int, default=2, help="patches per backend call")
     p.add_argument("--repeats", type=int, default=None, help="timed passes per backend (default 3; tiny 2)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime / torch intra-op threads (0 = all)")
@@ -110,11 +110,8 @@ def _candidates(onnx: Path, net: Any, threads: int) -> list[tuple[str, Callable[
 
 
 def _triton(stack: ExitStack, onnx: Path, work: Path, threads: int) -> list[tuple[str, Callable[[], Backend]]]:
-    if str(common.REPO) not in sys.path:
-        sys.path.insert(0, str(common.REPO))
     try:
         from inference.backends.triton_backend import TritonBackend
-        from tests.integration.triton_server import TritonUnavailable, serve_onnx_model
     except ImportError as exc:
         common.log(f"triton skipped: {exc}")
         return []

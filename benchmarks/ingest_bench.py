@@ -8,13 +8,17 @@ TCP_NODELAY=1 in the environment of dcmtk on both sides and the same maximum PDU
 from __future__ import annotations
 
 import argparse
-import subprocess
+import concurrent.futures as cf
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from benchmarks import common
+from harness.ct import write_chest_study
+from harness.dcmtk import StoreSCP, run_storescu, start_storescp
+from harness.gateway import start_gateway, write_config
+from harness.system import StartError
 
 NAME = "ingest"
 SCU_AE = "BENCHSCU"
@@ -32,18 +36,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def send(files: list[Path], port: int, aec: str, associations: int, pdu: int) -> tuple[float, list[str]]:
     """storescu over `associations` parallel associations; returns (seconds, errors)."""
-    chunks = [files[i::associations] for i in range(associations)]
+    chunks = [c for c in (files[i::associations] for i in range(associations)) if c]
     t0 = time.perf_counter()
-    procs = [subprocess.Popen([common.dcmtk("storescu"), "-aet", SCU_AE, "-aec", aec, "-pdu", str(pdu),
-                               "127.0.0.1", str(port), *map(str, chunk)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=common.dcmtk_env())
-             for chunk in chunks if chunk]
-    errors = []
-    for proc in procs:
-        _, err = proc.communicate(timeout=1800)
-        if proc.returncode != 0:
-            errors.append(err.decode(errors="replace")[-500:])
-    return time.perf_counter() - t0, errors
+    with cf.ThreadPoolExecutor(max_workers=len(chunks)) as pool:
+        done = list(pool.map(lambda chunk: run_storescu(chunk, port, aec, SCU_AE, ["-pdu", str(pdu)], timeout_s=1800),
+                             chunks))
+    seconds = time.perf_counter() - t0
+    return seconds, [res.stderr[-500:] for res in done if res.returncode != 0]
 
 
 def _measure(target: str, files: list[Path], nbytes: int, port: int, aec: str, assoc: int, args: argparse.Namespace,
@@ -60,13 +59,8 @@ def _measure(target: str, files: list[Path], nbytes: int, port: int, aec: str, a
     return row
 
 
-def _storescp(od: Path, port: int, pdu: int, fork: bool) -> subprocess.Popen:
-    od.mkdir(parents=True, exist_ok=True)
-    cmd = [common.dcmtk("storescp"), "-aet", "STORESCP", "-od", str(od), "-pdu", str(pdu),
-           *(["--fork"] if fork else []), str(port)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=common.dcmtk_env())
-    common.wait_for_echo(port, "STORESCP", proc=proc)
-    return proc
+def _storescp(od: Path, pdu: int, fork: bool) -> StoreSCP:
+    return start_storescp(od, "STORESCP", extra=["-pdu", str(pdu), *(["--fork"] if fork else [])])
 
 
 def run(args: argparse.Namespace, out: Path, info: dict[str, Any]) -> dict[str, Any]:
@@ -82,33 +76,33 @@ def run(args: argparse.Namespace, out: Path, info: dict[str, Any]) -> dict[str, 
     with tempfile.TemporaryDirectory(prefix="dxgate-ingest-") as tmp_name:
         tmp = Path(tmp_name)
         common.log(f"writing {slices} slices of {rows}x{rows}")
-        files = common.write_study(tmp / "study", slices, rows, seed=1)
+        files = write_chest_study(tmp / "study", slices, rows, seed=1)
         nbytes = sum(f.stat().st_size for f in files)
         for assoc in args.associations:
-            port = common.free_port()
-            proc = _storescp(tmp / f"storescp-{assoc}", port, args.pdu, fork=assoc > 1)
+            scp = _storescp(tmp / f"storescp-{assoc}", args.pdu, fork=assoc > 1)
             try:
                 result["results"].append(_measure("storescp" + (" --fork" if assoc > 1 else ""), files, nbytes,
-                                                  port, "STORESCP", assoc, args, repeats, {"fsync": None}))
+                                                  scp.port, "STORESCP", assoc, args, repeats, {"fsync": None}))
             finally:
-                common.stop(proc)
+                scp.stop()
         for fsync, receivers in [(f, r) for f in fsyncs for r in args.receivers]:
             target = f"dxgate fsync={'on' if fsync else 'off'}" + (f" receivers={receivers}" if receivers > 1 else "")
             try:
                 (tmp / "no-models").mkdir(exist_ok=True)
-                proc, cfg = common.start_dxgate(tmp / f"dxgate-fsync-{fsync}-r{receivers}", tmp / "no-models",
-                                                fsync=fsync, quiet_seconds=30.0, receivers=receivers,
-                                                max_associations=max(args.associations) + 2)
-            except (RuntimeError, FileNotFoundError) as exc:
+                gw = start_gateway(write_config(tmp / f"dxgate-fsync-{fsync}-r{receivers}", tmp / "no-models",
+                                                fsync=fsync, quiet_seconds=30.0, receivers=receivers, rules=[],
+                                                max_associations=max(args.associations) + 2),
+                                   timeout=120, until="healthy")
+            except (StartError, TimeoutError, FileNotFoundError) as exc:
                 result["results"].append({"target": target, "error": str(exc)[-1000:]})
                 common.log(f"dxgate skipped: {str(exc).splitlines()[0]}")
                 continue
             try:
                 for assoc in args.associations:
-                    result["results"].append(_measure(target, files, nbytes, cfg["dicom_port"], cfg["ae_title"],
+                    result["results"].append(_measure(target, files, nbytes, gw.dicom_port, gw.ae_title,
                                                       assoc, args, repeats, {"fsync": fsync, "receivers": receivers}))
             finally:
-                common.stop(proc)
+                gw.stop()
     _summarise(result, out)
     return result
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import common
+from harness.ct import write_chest_study
 
 NAME = "memory"
 STAGES = ("load", "preprocess", "infer", "postprocess", "headers", "encode_seg", "encode_sr", "encode_gsps",
@@ -115,8 +116,6 @@ def _child(args: list[str]) -> None:
 
 
 def run(args: argparse.Namespace, out: Path, info: dict[str, Any]) -> dict[str, Any]:
-    from benchmarks.e2e_bench import _models
-
     slices = args.slices or ([16] if args.tiny else [100, 300, 600])
     rows = args.rows or (64 if args.tiny else 512)
     settings = {"slices": slices, "rows": rows, "model": "lung_nodule_ct", "onnxruntime_threads": "default",
@@ -124,11 +123,11 @@ def run(args: argparse.Namespace, out: Path, info: dict[str, Any]) -> dict[str, 
     data = common.payload(NAME, info, settings)
     with tempfile.TemporaryDirectory(prefix="dxgate-mem-") as tmp:
         work = Path(tmp)
-        models_dir, source = _models(work)
+        models_dir, source = common.lung_models(work)
         settings["models"] = source
         for n in common.progress(slices, "memory"):
             series = work / f"s{n}"
-            common.write_study(series, n, rows, seed=n)
+            write_chest_study(series, n, rows, seed=n)
             proc = subprocess.run(
                 [sys.executable, "-m", "benchmarks.memory_bench", "--child", str(models_dir), "lung_nodule_ct",
                  str(series), "-" if args.probability is None else str(args.probability)],

@@ -64,8 +64,9 @@ def _measured(device: Any, fn: Any) -> tuple[Any, float, float | None]:
 
 def segmentation_run(name: str, out: Path, steps: int, warmup: int, cases: int, tiny: bool) -> dict[str, Any]:
     """`steps` of the shipped config's loop on `cases` generated cases (the phantom when `tiny`)."""
-    from training.candidate_classifier import training_device
-    from training.train import load_config, train, training_precision
+    from training.config import load_config
+    from training.device import training_device
+    from training.train import train, training_precision
 
     shipped = load_config(common.REPO / CONFIGS[name])
     run_dir = out / "runs" / name
@@ -73,7 +74,7 @@ def segmentation_run(name: str, out: Path, steps: int, warmup: int, cases: int, 
     data = shipped.data.model_copy(update={"dir": out / "data" / name, "n_train": cases, "n_val": 1, "n_test": 0,
                                            "n_calibration": 0, "phantom": tiny})
     cfg = shipped.model_copy(update={"data": data, "steps": steps, "val_every": steps, "run_dir": run_dir,
-                                     "register_to": None, "hard_negative_every": None,
+                                     "register_to": None,
                                      **({"roi_size": TINY_ROI} if tiny else {})})
     device = training_device()
     result, wall, peak = _measured(device, lambda: train(cfg, progress=False))
@@ -88,7 +89,8 @@ def classifier_run(out: Path, steps: int, warmup: int, tiny: bool) -> dict[str, 
     """`steps` of the second stage's first round on the patches of its first two CTs."""
     import torch
 
-    from training.candidate_classifier import precision, train_classifier, training_device, write_patches
+    from training.candidate_classifier import precision, train_classifier, write_patches
+    from training.device import training_device
     from training.second_stage import load_config
 
     shipped = load_config(common.REPO / CLASSIFIER_CONFIG)

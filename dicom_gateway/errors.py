@@ -27,8 +27,24 @@ class UnknownCallingAEError(GatewayError):
     """The calling AE title is not in the allow-list (association rejected)."""
 
 
-class JobStateError(GatewayError):
-    """A job transition not allowed by the transition table."""
+class StateError(GatewayError):
+    """A state change not allowed by its transition table (dicom_gateway.states); HTTP 409."""
+
+
+class JobStateError(StateError):
+    """A job transition not allowed by JOB_TRANSITIONS, or a job that is not in the state expected."""
+
+
+class StudyStateError(StateError):
+    """A study state change not allowed by STUDY_TRANSITIONS."""
+
+
+class DeliveryStateError(StateError):
+    """A delivery state change not allowed by DELIVERY_TRANSITIONS."""
+
+
+class SchemaVersionError(GatewayError):
+    """The job store's schema is newer than this version of dxgate knows (a downgrade is refused)."""
 
 
 class NotFoundError(GatewayError):

@@ -18,14 +18,15 @@ from dicom_gateway.assemble.completeness import mark_ready_studies, route_ready_
 from dicom_gateway.errors import ConfigError
 from dicom_gateway.logs import configure_logging
 from dicom_gateway.settings import Settings
-from dicom_gateway.store.jobstore import JobStore
+from dicom_gateway.store import Store
 from dicom_gateway.work.worker import LoadedModel, Worker
+from inference.backends.base import Backend
 from inference.backends.factory import make_backend
+from inference.composition import build_runner
 from inference.device_preprocess import device_preprocessor_for
 from inference.errors import InferenceError
 from inference.model_repo import discover_models
-from inference.pipeline import ModelRunner
-from inference.second_stage import SecondStage
+from inference.pipeline import Preprocessor
 
 if TYPE_CHECKING:
     from dicom_gateway.receive.receivers import ReceiverPool
@@ -35,43 +36,36 @@ log = logging.getLogger("dxgate.server")
 
 
 def load_models(settings: Settings) -> dict[str, LoadedModel]:
-    """Every model under models_dir with a warm backend; a broken model folder refuses start."""
+    """Every model under models_dir with a warm backend, each runner built as its card composes it (a model whose
+    card declares later stages runs those stages' models too); a broken model folder refuses start."""
     try:
         found = discover_models(settings.models_dir)
     except InferenceError as exc:
         raise ConfigError(f"models_dir {settings.models_dir}: {exc}") from exc
-    loaded: dict[str, LoadedModel] = {}
+    backends: dict[str, Backend] = {}
+    preprocessors: dict[str, Preprocessor | None] = {}
     for name, model in found.items():
         opts = settings.backends.get(name)
         kind = opts.kind if opts else "onnxruntime"
         options = opts.model_dump(exclude={"kind"}, exclude_none=True) if opts else {}
         try:
-            backend = make_backend(model, kind, **options)
+            backends[name] = make_backend(model, kind, **options)
         except InferenceError as exc:
             raise ConfigError(f"model {name}: backend {kind} cannot start: {exc}") from exc
-        pre = device_preprocessor_for(backend) if (opts is None or opts.device_preprocess) else None
-        loaded[name] = LoadedModel(model=model, runner=ModelRunner(model, backend, preprocessor=pre))
+        use_device = opts is None or opts.device_preprocess
+        preprocessors[name] = device_preprocessor_for(backends[name]) if use_device else None
         log.info("model loaded", extra={"model": name, "reason": f"version {model.version} backend {kind}"})
-    attach_second_stages(loaded)
+    loaded: dict[str, LoadedModel] = {}
+    for name, model in found.items():
+        try:
+            runner = build_runner(model, found, backends, preprocessor=preprocessors[name])
+        except InferenceError as exc:
+            raise ConfigError(f"model {name}: {exc}") from exc
+        loaded[name] = LoadedModel(model=model, runner=runner)
     wanted = {m for rule in settings.rules for m in rule.models}
     for name in sorted(wanted - set(loaded)):
         log.warning("a rule names model %s, which is not installed in %s", name, settings.models_dir)
     return loaded
-
-
-def attach_second_stages(loaded: dict[str, LoadedModel]) -> None:
-    """Give each first-stage model's runner the loaded second stage whose card names it (`first_stage.model`)."""
-    for name, lm in loaded.items():
-        first = lm.model.card.first_stage
-        if first is None:
-            continue
-        target = loaded.get(first.model)
-        if target is None:
-            log.warning("second stage %s completes model %s, which is not installed; it is not used", name,
-                        first.model)
-            continue
-        target.runner.second_stage = SecondStage(card=lm.model.card, backend=lm.runner.backend)
-        log.info("second stage attached", extra={"model": first.model, "reason": f"second stage {name}"})
 
 
 @dataclass
@@ -79,7 +73,7 @@ class Gateway:
     """All components of one dxgate process; `start()` returns once they run, `stop()` joins them."""
 
     settings: Settings
-    store: JobStore = field(init=False)
+    store: Store = field(init=False)
     models: dict[str, LoadedModel] = field(init=False, default_factory=dict)
     scp: StorageSCP | None = field(init=False, default=None)           # receivers == 1
     receivers: ReceiverPool | None = field(init=False, default=None)   # receivers > 1
@@ -92,7 +86,7 @@ class Gateway:
         validate_rules(self.settings.rules)
         for d in (self.settings.data_dir, self.settings.spool_dir, self.settings.outbox_dir):
             d.mkdir(parents=True, exist_ok=True)
-        self.store = JobStore(self.settings.db_path, durable=self.settings.fsync)
+        self.store = Store(self.settings.db_path, durable=self.settings.fsync)
 
     def start(self) -> None:
         from dicom_gateway.receive.scp import StorageSCP
@@ -102,8 +96,8 @@ class Gateway:
         s = self.settings
         self.spool = Spool(s.spool_dir, fsync=s.fsync, min_free_bytes=s.min_free_disk_bytes)
         self.spool.cleanup_temp()
-        closed = self.store.close_stale_associations()
-        requeued = self.store.requeue_orphans()
+        closed = self.store.associations.close_stale()
+        requeued = self.store.jobs.requeue_orphans()
         if closed or requeued:
             log.warning("recovered after an unclean stop: %d association(s) closed, %d job(s) requeued",
                         closed, requeued)
@@ -140,7 +134,7 @@ class Gateway:
 
     def readiness(self) -> dict[str, bool]:
         try:
-            self.store.query("SELECT 1")
+            self.store.db.query("SELECT 1")
             store_ok = True
         except Exception:
             store_ok = False

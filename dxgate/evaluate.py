@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.evaluate import evaluate_command
+    from training.evaluate import evaluate_command  # the training stack loads only here
 
     metrics = evaluate_command(args.model, args.dataset, args.out, first_stage_only=args.first_stage_only)
     print(json.dumps(metrics, indent=2, default=str))

@@ -32,30 +32,30 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dicom_gateway.states import JobState
-    from dicom_gateway.store.jobstore import JobStore
+    from dicom_gateway.store import Store
 
     settings = settings_of(args)
     if not settings.db_path.exists():
         raise CommandError(f"no job store at {settings.db_path} (is data_dir right?)")
-    store = JobStore(settings.db_path)
+    store = Store(settings.db_path)
     if args.action == "list":
         try:
             state = JobState(args.state.upper()) if args.state else None
         except ValueError as exc:
             raise CommandError(f"--state {args.state}: not one of {', '.join(JobState)}") from exc
-        for row in store.list_jobs(state=state, limit=args.limit):
+        for row in store.jobs.find(state=state, limit=args.limit):
             print(f"{row['id']:>6}  {row['state']:<8} {row['model']:<22} {row['study_uid']}  "
                   f"{row['failed_stage'] or ''} {row['reason'] or ''}")
         return 0
-    row = store.get_job(args.id)
+    row = store.jobs.get(args.id)
     if row is None:
         raise CommandError(f"no job {args.id}", exit_code=1)
     if args.action == "show":
         job = dict(row)
-        job["events"] = [dict(e) for e in store.job_events(args.id)]
-        job["deliveries"] = [dict(d) for d in store.deliveries(args.id)]
+        job["events"] = [dict(e) for e in store.jobs.events(args.id)]
+        job["deliveries"] = [dict(d) for d in store.deliveries.of_job(args.id)]
         print(json.dumps(job, indent=2, default=str))
         return 0
-    new_state = store.replay(args.id)
+    new_state = store.jobs.replay(args.id)
     print(f"job {args.id} -> {new_state}")
     return 0

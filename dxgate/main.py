@@ -27,7 +27,8 @@ log = logging.getLogger("dxgate")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dxgate", description=(__doc__ or "").splitlines()[0])
     p.add_argument("--version", action="version", version=f"dxgate {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           help="`dxgate COMMAND --help` for its options")
     for group in COMMAND_GROUPS:
         group.register(sub)
     return p

@@ -11,7 +11,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         description=__doc__)
     sp.add_argument("kind", choices=["chest-ct", "spine-ct"], help="chest CT with lung nodules, or spine CT")
     sp.add_argument("--out", type=Path, required=True, metavar="DIR",
-                    help="folder for the DICOM files (the truth file is written beside it, not inside)")
+                    help="folder for the DICOM files only; the truth goes beside it (DIR.annotations.csv for "
+                         "chest-ct, DIR.centroids.json for spine-ct)")
     sp.add_argument("--slices", type=int, default=None, help="number of axial slices (default: the generator's)")
     sp.add_argument("--nodules", type=int, default=3, help="chest-ct: number of nodules to insert")
     sp.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same study")
@@ -30,5 +31,5 @@ def run(args: argparse.Namespace) -> int:
     else:
         study = write_spine_ct_study(args.out, **kwargs)
     print(f"wrote {len(study.files)} instances of study {study.study_uid} to {args.out}")
-    print(f"annotations: {study.annotations_path}")
+    print(f"annotations: {study.annotations_path}")  # beside the folder, which holds DICOM files only
     return 0

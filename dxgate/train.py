@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from dxgate.errors import CommandError
@@ -25,10 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.second_stage is not None and args.task != "lung-nodule":
         raise CommandError("--second-stage goes with lung-nodule only")
+    from training.workflow import train_model, train_second_stage  # the training stack loads only here
+
     if args.task == "lung-nodule-candidates":
-        from training.second_stage import train_command as second_stage_command
-
-        return second_stage_command(args.config)
-    from training.cli import train_command
-
-    return train_command(args.task, args.config, args.second_stage)
+        result = train_second_stage(args.config)
+    else:
+        result = train_model(args.task, args.config, args.second_stage)
+    print(json.dumps(result, indent=1, default=str))
+    return 0

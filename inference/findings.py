@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from inference.model_card import ModelCard
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,11 @@ class Algorithm:
     weights_sha256: str
 
 
+def algorithm_of(card: ModelCard) -> Algorithm:
+    """The identity of the model a card describes."""
+    return Algorithm(card.name, card.version, card.weights_sha256)
+
+
 @dataclass(frozen=True)
 class Finding:
     """One detected object.
@@ -45,7 +54,7 @@ class Finding:
     site_code: Code | None = None  # anatomic location (e.g. SCT 39607008 Lung)
     referenced_sop_instance_uid: str | None = None  # the source slice nearest the centre
     tracking_uid: str | None = None
-    algorithm: Algorithm | None = None   # None: the result's model; set by a second stage for what it adds
+    algorithm: Algorithm | None = None   # the model that produced it (each stage sets its own); None: the result's
 
 
 @dataclass
@@ -63,4 +72,5 @@ class InferenceResult:
     model_version: str
     weights_sha256: str
     stage_seconds: dict[str, float] = field(default_factory=dict)
-    second_stage: Algorithm | None = None   # a second stage that ran after the model (lung nodule candidates)
+    # every stage that ran (`ModelCard.stages`), the model's own first; empty when not recorded
+    algorithms: list[Algorithm] = field(default_factory=list)

@@ -51,8 +51,8 @@ class InputSpec(_Strict):
     # test-time augmentation: one extra pass per entry over the image mirrored along these model-grid
     # axes (0 = slice, 1 = row, 2 = column), probabilities averaged (inference.model_pass)
     flips: list[tuple[int, ...]] = []
-    # second stage only (inference.second_stage): the flipped passes re-score just the candidates whose plain
-    # pass scores at least this; the others keep the plain score
+    # candidate classifiers only (inference.second_stage): the flipped passes re-score just the candidates whose
+    # plain pass scores at least this; the others keep the plain score
     flip_screen: float = Field(default=0.0, ge=0, lt=1)
 
     _distinct_axes = field_validator("flips")(check_flip_axes)
@@ -84,11 +84,17 @@ class SeriesPreference(_Strict):
     prefer: Literal["thinnest", "most_slices"] = "thinnest"
 
 
-class FirstStage(_Strict):
-    """For a second-stage model: the model whose findings it completes, and that model's threshold when combined."""
+class StageSpec(_Strict):
+    """One stage of what produces a model's findings (`ModelCard.stages`, built by `inference.composition`).
 
-    model: str
-    probability: float = Field(gt=0, lt=1)   # replaces the first stage's own thresholds.probability
+    `kind` names the stage's entry in `inference.composition.STAGE_KINDS`; `model` the registered model whose
+    weights run it (None: this card's own); `probability` the threshold it reports at within the composition
+    (None: that model's own `thresholds.probability`).
+    """
+
+    kind: Literal["segmentation", "candidate_classification"]
+    model: str | None = None
+    probability: float | None = Field(default=None, gt=0, lt=1)
 
 
 class ModelCard(_Strict):
@@ -98,7 +104,7 @@ class ModelCard(_Strict):
     description: str
     modality: list[str]
     body_part: list[str]
-    postprocess: Literal["nodules", "vertebrae", "candidates"]   # candidates: inference.second_stage
+    postprocess: Literal["nodules", "vertebrae", "candidates"]   # candidates: a later stage, inference.second_stage
     input: InputSpec
     output: OutputSpec
     labels: list[LabelSpec]
@@ -106,7 +112,8 @@ class ModelCard(_Strict):
     # vertebrae: drop levels found out of cranio-caudal order (postprocess.cranio_caudal_subset)
     ordered_levels: bool = False
     series: SeriesPreference
-    first_stage: FirstStage | None = None   # set for a second-stage model (postprocess "candidates")
+    # what produces the findings, in order; empty: one segmentation stage by this card's own weights
+    stages: list[StageSpec] = []
     weights_file: str = "model.onnx"
     weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     training: dict = Field(default_factory=dict)   # data, seed, command, epochs, time
@@ -114,9 +121,28 @@ class ModelCard(_Strict):
     intended_use: str = NOT_FOR_CLINICAL_USE
     algorithm_manufacturer: str = "dxgate project"
 
+    @property
+    def runs_alone(self) -> bool:
+        """False for a model that only runs as a later stage of another model's composition (a candidate
+        classifier, postprocess "candidates")."""
+        return self.postprocess != "candidates"
+
+    def at_probability(self, probability: float | None) -> ModelCard:
+        """This card reporting at `probability` (itself when None): a stage's threshold within a composition."""
+        if probability is None:
+            return self
+        return self.model_copy(update={"thresholds": self.thresholds.model_copy(update={"probability": probability})})
+
     @model_validator(mode="after")
-    def _second_stage_names_its_first(self) -> ModelCard:
-        if (self.postprocess == "candidates") != (self.first_stage is not None):
-            raise ValueError("a model with postprocess 'candidates' (a second stage) must name its first_stage, "
-                             "and only such a model may")
+    def _stages_start_with_this_models_segmentation(self) -> ModelCard:
+        if not self.stages:
+            return self
+        if not self.runs_alone:
+            raise ValueError("a model that runs only as a stage of another model declares no stages")
+        first, later = self.stages[0], self.stages[1:]
+        if first.kind != "segmentation" or first.model not in (None, self.name):
+            raise ValueError("the first stage is this model's own segmentation (kind 'segmentation', no model)")
+        for spec in later:
+            if spec.kind == "segmentation" or spec.model in (None, self.name):
+                raise ValueError(f"a later stage ({spec.kind}) names another model whose weights run it")
         return self

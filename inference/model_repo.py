@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,3 +83,8 @@ def discover_models(models_dir: Path) -> dict[str, RegisteredModel]:
             model = load_model(folder)
             found[model.name] = model
     return found
+
+
+def composing_models(name: str, models: Mapping[str, RegisteredModel]) -> list[str]:
+    """The models among `models` whose card runs `name` as one of its later stages (`ModelCard.stages`)."""
+    return sorted(m.name for m in models.values() if any(s.model == name for s in m.card.stages[1:]))

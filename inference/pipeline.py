@@ -1,4 +1,8 @@
-"""One model, run in-process: DICOM series -> volume -> preprocess -> backend -> postprocess -> result."""
+"""One model, run in-process: DICOM series -> volume -> preprocess -> backend -> postprocess -> later stages -> result.
+
+The runner is the first (segmentation) stage of a model's composition plus the later stages that add findings to
+it; `inference.composition.build_runner` builds one from the model's card.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +10,20 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from inference.backends.base import Backend
 from inference.errors import BackendError, InferenceError, VolumeError
-from inference.findings import InferenceResult
+from inference.findings import Algorithm, Finding, InferenceResult, algorithm_of
 from inference.model_card import ModelCard
 from inference.model_pass import model_logits
 from inference.model_repo import RegisteredModel
 from inference.postprocess import PostprocessError, postprocess
 from inference.preprocess import PreprocessError, ResampleInfo, preprocess
-from inference.second_stage import SecondStage
 from inference.volume import Volume, load_series
 
 log = logging.getLogger(__name__)
@@ -50,37 +55,54 @@ def _stage(name: str, seconds: dict[str, float]) -> Iterator[None]:
         seconds[name] = time.perf_counter() - start
 
 
-def _refuse_second_stage(card: ModelCard) -> None:
-    if card.postprocess == "candidates":
-        raise PostprocessError(f"{card.name} is a second stage of {card.first_stage.model}; "  # type: ignore[union-attr]
+class LaterStage(Protocol):
+    """A stage after the first: adds findings to those of the stages before it (`inference.composition`)."""
+
+    @property
+    def algorithm(self) -> Algorithm: ...
+
+    def findings(self, volume: Volume, found: list[Finding], label_map: np.ndarray) -> list[Finding]:
+        """The findings it adds to `found`, their voxels painted into `label_map` where it is 0."""
+        ...
+
+
+def _refuse_a_stage_alone(card: ModelCard) -> None:
+    if not card.runs_alone:
+        raise PostprocessError(f"{card.name} runs only as a stage of another model's composition; "
                                "route studies to that model")
 
 
 class ModelRunner:
-    """Runs one registered model on one series with a warm backend (the backend is owned by the caller)."""
+    """Runs one registered model on one series with a warm backend (the backends are owned by the caller).
+
+    `stages` run after the model's own segmentation, in order; `probability`, when given, replaces the card's
+    `thresholds.probability` for the segmentation (the composed threshold, `ModelCard.stages`).
+    """
 
     def __init__(self, model: RegisteredModel, backend: Backend, blend_mode: str = "gaussian",
-                 preprocessor: Preprocessor | None = None, second_stage: SecondStage | None = None) -> None:
+                 preprocessor: Preprocessor | None = None, stages: Sequence[LaterStage] = (),
+                 probability: float | None = None) -> None:
         self.model = model
         self.backend = backend
         self.blend_mode = blend_mode
         self.preprocessor: Preprocessor = preprocessor or preprocess   # e.g. DevicePreprocessor on CUDA
-        self.second_stage = second_stage   # lung nodules: scored blob candidates added to the findings
+        self.stages = list(stages)
+        self.probability = probability
 
     @property
     def card(self) -> ModelCard:
-        """The card postprocessing uses: with a second stage, the first stage's threshold is the combined one."""
-        card = self.model.card
-        if self.second_stage is None:
-            return card
-        first = self.second_stage.card.first_stage
-        return card.model_copy(update={"thresholds": card.thresholds.model_copy(
-            update={"probability": first.probability})})  # type: ignore[union-attr]
+        """The card postprocessing uses: with the composed threshold, when one is given."""
+        return self.model.card.at_probability(self.probability)
+
+    @property
+    def algorithms(self) -> list[Algorithm]:
+        """Every stage's provenance, the model's own first."""
+        return [algorithm_of(self.model.card), *(s.algorithm for s in self.stages)]
 
     def run(self, paths: Sequence[Path], progress: Callable[[str], None] | None = None) -> InferenceResult:
         """Load, preprocess, infer and postprocess one series; `stage_seconds` has one entry per stage."""
         card = self.card
-        _refuse_second_stage(card)
+        _refuse_a_stage_alone(card)
         seconds: dict[str, float] = {}
         with _stage("load", seconds):
             volume = load_series(paths, expected_modality=card.modality)
@@ -92,7 +114,7 @@ class ModelRunner:
                    seconds: dict[str, float] | None = None) -> InferenceResult:
         """`run` on a volume already loaded (e.g. a generated NIfTI case, `training.datasets.entry_volume`)."""
         card = self.card
-        _refuse_second_stage(card)
+        _refuse_a_stage_alone(card)
         seconds = {} if seconds is None else seconds
         with _stage("preprocess", seconds):
             image, info = self.preprocessor(volume, card)
@@ -106,8 +128,11 @@ class ModelRunner:
         with _stage("postprocess", seconds):
             findings, label_map = postprocess(logits, volume, card, info)
             del logits
-            if self.second_stage is not None:
-                findings = findings + self.second_stage.findings(volume, findings, label_map)
+            own = algorithm_of(card)
+            findings = [replace(f, algorithm=own) for f in findings]
+            for stage in self.stages:
+                findings = findings + stage.findings(volume, findings, label_map)
+            if self.stages:
                 findings.sort(key=lambda f: -f.probability)
         log.info("model %s %s on series %s: %d findings; stages %s", card.name, card.version,
                  volume.series_instance_uid, len(findings),
@@ -117,9 +142,9 @@ class ModelRunner:
             label_map=label_map,
             source_sop_instance_uids=list(volume.sop_instance_uids),
             model_name=card.name,
-            model_version=card.version if self.second_stage is None else
-            f"{card.version}+{self.second_stage.card.name}.{self.second_stage.card.version}",
+            model_version="+".join([card.version, *(f"{s.algorithm.name}.{s.algorithm.version}"
+                                                    for s in self.stages)]),
             weights_sha256=card.weights_sha256,
             stage_seconds=seconds,
-            second_stage=None if self.second_stage is None else self.second_stage.algorithm,
+            algorithms=self.algorithms,
         )

@@ -1,4 +1,4 @@
-"""Network outputs -> findings in patient mm plus a label map on the source grid (CONTRACTS.md, Model contract).
+"""Network outputs -> findings in patient mm plus a label map on the source grid (docs/design.md, Model contract).
 
 Label map convention: the value of a voxel is the `LabelSpec.index` of its class (0 = background), so
 one SEG segment per label class (PS3.3 C.8.20.2). Findings of one class share that value (every nodule
@@ -32,7 +32,8 @@ class PostprocessError(InferenceError):
     stage = "postprocess"
 
 
-def _code(c: CodeModel | None) -> Code | None:
+def code_of(c: CodeModel | None) -> Code | None:
+    """A model-card code as a finding code (None stays None)."""
     return None if c is None else Code(value=c.value, scheme=c.scheme, meaning=c.meaning)
 
 
@@ -65,12 +66,12 @@ def _finding(volume: Volume, spec: LabelSpec, centre_zyx: np.ndarray, probabilit
     return Finding(
         label_index=spec.index,
         label=spec.name,
-        finding_code=_code(spec.finding),  # type: ignore[arg-type]
+        finding_code=code_of(spec.finding),  # type: ignore[arg-type]
         centre_mm=tuple(float(v) for v in volume.index_to_patient(centre_zyx)),  # type: ignore[arg-type]
         probability=float(probability),
         diameter_mm=float(sphere_diameter_mm(volume_mm3)) if with_diameter else None,
         volume_mm3=volume_mm3,
-        site_code=_code(spec.site),
+        site_code=code_of(spec.site),
         referenced_sop_instance_uid=volume.sop_instance_uids[z],
         tracking_uid=generate_uid(),
     )

@@ -1,7 +1,7 @@
 """Array transforms between the source grid and the model grid (numpy + scipy.ndimage only).
 
 The model grid keeps the source's axes and its voxel [0, 0, 0] centre (no reorientation, see the Model
-contract in CONTRACTS.md) and changes only the spacing to `card.input.spacing_mm`: model voxel i along
+contract in docs/design.md) and changes only the spacing to `card.input.spacing_mm`: model voxel i along
 an axis sits at source index i * target / source. `to_source_grid` is the inverse (the `Invertd` step):
 predictions go back to the source grid before findings are measured and encoded.
 """

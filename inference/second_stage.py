@@ -1,10 +1,12 @@
-"""Second stage of lung nodule detection: blob candidates scored by a classifier, added to the first stage's findings.
+"""Candidate classification, a later stage of lung nodule detection: blobs scored by a classifier, added to the
+findings of the stages before it.
 
 The first stage (a segmentation network, `inference.postprocess.nodules`) finds every 10-30 mm nodule but misses
-small ones against a vessel or the pleura. The second stage model (card `postprocess: candidates`, with
-`first_stage` naming the model it completes) scores each `inference.candidates` blob on a 24 mm patch at 1 mm;
-blobs at or above its threshold that no first-stage finding already covers become findings of their own, with the
-diameter of the blob's best LoG scale and a sphere of that size in the label map.
+small ones against a vessel or the pleura. The classifier (card `postprocess: candidates`, named as a
+`candidate_classification` stage in the card of the model it completes, `inference.composition`) scores each
+`inference.candidates` blob on a 24 mm patch at 1 mm; blobs at or above its threshold that no earlier finding
+already covers become findings of their own, with the diameter of the blob's best LoG scale and a sphere of that
+size in the label map.
 
 Test-time flips (`card.input.flips`, as for the first stage, `inference.model_pass`): each candidate whose plain
 score is at least `card.input.flip_screen` is scored again on its patch mirrored along each listed axis, and its
@@ -25,9 +27,9 @@ from pydicom.uid import generate_uid
 from inference.backends.base import Backend
 from inference.candidates import ISO_MM, WINDOW, chest_candidates, patches, to_iso, to_u8
 from inference.errors import InferenceError
-from inference.findings import Algorithm, Finding
+from inference.findings import Algorithm, Finding, algorithm_of
 from inference.model_card import ModelCard
-from inference.postprocess import _code
+from inference.postprocess import code_of
 from inference.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,7 @@ log = logging.getLogger(__name__)
 SUPPRESS_MM = 4.0   # a blob within a kept finding's radius + this (first stage or blob) is the same nodule
 
 
-class SecondStageError(InferenceError):
+class CandidateStageError(InferenceError):
     """The candidate classifier cannot score this volume."""
 
     stage = "postprocess"
@@ -54,10 +56,10 @@ def score_candidates(volume: Volume, backend: Backend, card: ModelCard, threads:
     """Find the blob candidates of `volume` (the LoG on `threads` threads) and score each with the classifier
     behind `backend`."""
     if tuple(card.input.spacing_mm) != (ISO_MM,) * 3 or len(set(card.input.roi_size)) != 1:
-        raise SecondStageError(f"{card.name}: candidates are scored on cubic patches at {ISO_MM} mm, card has "
+        raise CandidateStageError(f"{card.name}: candidates are scored on cubic patches at {ISO_MM} mm, card has "
                                f"{card.input.spacing_mm} / {card.input.roi_size}")
     if tuple(card.input.window) != WINDOW:
-        raise SecondStageError(f"{card.name}: window {card.input.window} differs from the patches' {WINDOW} HU")
+        raise CandidateStageError(f"{card.name}: window {card.input.window} differs from the patches' {WINDOW} HU")
     iso = to_iso(volume.voxels, volume.spacing)
     found = chest_candidates(iso, threads)
     u8 = to_u8(iso)
@@ -89,21 +91,16 @@ def classify_patches(u8: np.ndarray, index: np.ndarray, backend: Backend, card: 
     return scores
 
 
-def algorithm(card: ModelCard) -> Algorithm:
-    """The identity the SR and SEG give the findings this second stage adds."""
-    return Algorithm(card.name, card.version, card.weights_sha256)
-
-
 def _finding(volume: Volume, card: ModelCard, source_index: np.ndarray, probability: float, diameter: float
              ) -> Finding:
     spec = card.labels[0]
     z = int(np.clip(round(float(source_index[0])), 0, len(volume.sop_instance_uids) - 1))
-    return Finding(label_index=spec.index, label=spec.name, finding_code=_code(spec.finding),  # type: ignore[arg-type]
+    return Finding(label_index=spec.index, label=spec.name, finding_code=code_of(spec.finding),  # type: ignore[arg-type]
                    centre_mm=tuple(float(v) for v in volume.index_to_patient(source_index)),  # type: ignore[arg-type]
                    probability=float(probability), diameter_mm=float(diameter),
-                   volume_mm3=float(np.pi / 6.0 * diameter ** 3), site_code=_code(spec.site),
+                   volume_mm3=float(np.pi / 6.0 * diameter ** 3), site_code=code_of(spec.site),
                    referenced_sop_instance_uid=volume.sop_instance_uids[z], tracking_uid=generate_uid(),
-                   algorithm=algorithm(card))
+                   algorithm=algorithm_of(card))
 
 
 def _paint_sphere(label_map: np.ndarray, volume: Volume, source_index: np.ndarray, diameter: float, value: int
@@ -178,8 +175,8 @@ def usable_cores() -> int:
 
 
 @dataclass
-class SecondStage:
-    """A loaded candidate classifier and its card, attached to the first-stage model's runner."""
+class CandidateStage:
+    """The `candidate_classification` stage: a loaded classifier and its card (threshold as composed)."""
 
     card: ModelCard
     backend: Backend
@@ -187,12 +184,13 @@ class SecondStage:
 
     @property
     def algorithm(self) -> Algorithm:
-        return algorithm(self.card)
+        return algorithm_of(self.card)
 
-    def findings(self, volume: Volume, first: list[Finding], label_map: np.ndarray) -> list[Finding]:
+    def findings(self, volume: Volume, found: list[Finding], label_map: np.ndarray) -> list[Finding]:
+        """The findings this stage adds to `found` (painting theirs into `label_map`)."""
         threads = self.threads or usable_cores()
         scored = score_candidates(volume, self.backend, self.card, threads)
-        extra = add_candidate_findings(scored, volume, self.card, first, label_map)
-        log.info("second stage %s %s: %d candidates, %d findings added", self.card.name, self.card.version,
+        extra = add_candidate_findings(scored, volume, self.card, found, label_map)
+        log.info("candidate stage %s %s: %d candidates, %d findings added", self.card.name, self.card.version,
                  len(scored.probability), len(extra))
         return extra

@@ -1,20 +1,13 @@
-"""Shared fixtures: free ports, tool availability, and a small real model trained through `training`."""
+"""Shared fixtures: a free port, system tools (a missing one skips the test), a small model trained here."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import sys
+from collections.abc import Generator
 from pathlib import Path
 
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from harness.system import ToolMissing, free_port, system_tool
 
 
 @pytest.fixture
@@ -24,12 +17,29 @@ def port() -> int:
 
 def require_tool(name: str) -> str:
     """A system tool (dcmtk, dicom3tools, Orthanc), never the virtualenv's same-named pynetdicom script."""
-    venv_bin = os.path.dirname(sys.executable)
-    dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and os.path.abspath(d) != venv_bin]
-    path = shutil.which(name, path=os.pathsep.join([*dirs, "/usr/bin", "/usr/sbin", "/usr/local/bin"]))
-    if path is None:
-        pytest.skip(f"{name} is not installed (the CI script installs it)")
-    return path
+    try:
+        return system_tool(name)
+    except ToolMissing as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
+    """A harness call that needs a tool which is not installed skips the test instead of failing it."""
+    try:
+        return (yield)
+    except ToolMissing as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef,
+                         request: pytest.FixtureRequest) -> Generator[None, object, object]:
+    """The same for a fixture that starts a tool."""
+    try:
+        return (yield)
+    except ToolMissing as exc:
+        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="session")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -13,9 +15,9 @@ import pytest
 import yaml
 
 from dicom_gateway.settings import load_settings
-from dicom_gateway.store.jobstore import JobStore
-from dxgate.main import main
-from tests.integration.conftest import start_storescp
+from dicom_gateway.store import Store
+from dxgate.main import build_parser, main
+from harness.dcmtk import start_storescp
 
 REPO = Path(__file__).resolve().parents[1]
 RULES = [
@@ -42,6 +44,62 @@ def write_cfg(tmp: Path, **values: object) -> Path:
 
 def dicom_files(folder: Path) -> list[pydicom.Dataset]:
     return [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(folder.rglob("*.dcm"))]
+
+
+# -- the command line itself ---------------------------------------------------------------------
+def _actions(parser: argparse.ArgumentParser, path: str) -> Iterator[tuple[str, argparse.Action | None, str]]:
+    """(command path, action, help) for every option, positional and subcommand under parser."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._choices_actions}
+            for name, sub in action.choices.items():
+                yield f"{path} {name}", None, helps.get(name) or ""
+                yield from _actions(sub, f"{path} {name}")
+        else:
+            yield path, action, action.help or ""
+
+
+def _bench_parsers() -> dict[str, argparse.ArgumentParser]:
+    """`dxgate bench NAME --help` is the benchmark's own parser."""
+    from benchmarks.__main__ import build_parser as bench_parser
+
+    sub = next(a for a in bench_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def test_every_option_and_command_has_help() -> None:
+    found = list(_actions(build_parser(), "dxgate"))
+    found += [a for name, p in _bench_parsers().items() for a in _actions(p, f"dxgate bench {name}")]
+    missing = [f"{path}: {action.option_strings or action.dest if action else 'the command'}"
+               for path, action, text in found if not text.strip() or text == argparse.SUPPRESS]
+    assert not missing, "no help text:\n" + "\n".join(missing)
+    commands = {path for path, action, _ in found if action is None}
+    assert {"dxgate serve", "dxgate send", "dxgate jobs replay", "dxgate models doc", "dxgate bench"} <= commands
+
+
+@pytest.mark.parametrize("command", ["", "serve", "config", "synth", "send", "rules", "jobs", "jobs replay",
+                                     "models", "models doc", "train", "evaluate"])
+def test_help_prints_and_exits_zero(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, *command.split(), "--help")
+    assert code == 0 and out.startswith("usage: dxgate"), out
+    assert "options:" in out
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from dxgate import __version__
+
+    code, out, _ = run_cli(capsys, "--version")
+    assert code == 0 and out.strip() == f"dxgate {__version__}" and re.fullmatch(r"\d+\.\d+\.\d+\S*", __version__)
+
+
+def test_send_takes_storescus_argument_order(capsys: pytest.CaptureFixture[str]) -> None:
+    args = build_parser().parse_args(["send", "-aet", "CT1", "-aec", "PACS", "pacs.local", "104", "a.dcm", "dir"])
+    assert (args.aet, args.aec, args.peer, args.port, args.files) == ("CT1", "PACS", "pacs.local", 104,
+                                                                      [Path("a.dcm"), Path("dir")])
+    args = build_parser().parse_args(["send", "127.0.0.1", "11112", "study"])
+    assert (args.aet, args.aec) == ("DXGATE_SCU", "DXGATE")
+    code, _, err = run_cli(capsys, "send", "study", "--port", "11112")  # the old order is refused
+    assert code == 2 and "usage: dxgate send" in err, err
 
 
 # -- config ---------------------------------------------------------------------------------------
@@ -102,9 +160,10 @@ def test_synth_writes_a_study_and_annotations(kind: str, tmp_path: Path, capsys:
     annotations = re.search(r"annotations: (.+)$", out, re.MULTILINE)
     assert annotations, out
     path = Path(annotations.group(1).strip())
-    assert path.is_file() and path.is_relative_to(out_dir)
+    truth = "annotations.csv" if kind == "chest-ct" else "centroids.json"
+    assert path == tmp_path / f"{kind}.{truth}" and path.is_file()  # beside the DICOM folder, not in it
+    assert {p.suffix for p in out_dir.iterdir()} == {".dcm"}  # storescu --scan-directories sends all of it
     if kind == "chest-ct":
-        assert path.name == "annotations.csv"
         rows = [r for r in path.read_text().splitlines() if r.strip()]
         assert len(rows) == 2, rows  # header + one nodule
     else:
@@ -157,7 +216,7 @@ def test_send_delivers_every_file(tmp_path: Path, chest20: Path, capsys: pytest.
 
 
 def test_send_to_nobody_fails(tmp_path: Path, chest20: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from tests.conftest import free_port
+    from harness.system import free_port
 
     code, out, err = run_cli(capsys, "send", "-aec", "DEST", "127.0.0.1", free_port(), chest20)
     assert code != 0, out
@@ -168,15 +227,15 @@ def test_send_to_nobody_fails(tmp_path: Path, chest20: Path, capsys: pytest.Capt
 def populated(tmp_path: Path) -> tuple[Path, int, int]:
     """A config whose job store holds one QUEUED and one FAILED job: (config, queued id, failed id)."""
     cfg = write_cfg(tmp_path)
-    store = JobStore(load_settings(cfg).db_path, durable=False)
+    store = Store(load_settings(cfg).db_path, durable=False)
     study = "1.2.826.0.1.3680043.10.99"
     sops = [f"{study}.2.{i}" for i in range(1, 4)]
-    failed, _ = store.create_job(study_uid=study, model="lung_nodule_ct", model_version="1.0.0",
-                                 series_uid=f"{study}.2", input_uids=sops, destinations=["pacs"], rule="chest")
-    assert store.claim_job("w1", lease_s=60) is not None
-    store.fail(failed, "infer", "BackendError: out of memory")
-    queued, _ = store.create_job(study_uid=study, model="spine_vertebrae_ct", model_version="1.0.0",
-                                 series_uid=f"{study}.2", input_uids=sops, destinations=["pacs"], rule="spine")
+    failed, _ = store.jobs.create(study_uid=study, model="lung_nodule_ct", model_version="1.0.0",
+                                  series_uid=f"{study}.2", input_uids=sops, destinations=["pacs"], rule="chest")
+    assert store.jobs.claim("w1", lease_s=60) is not None
+    store.jobs.fail(failed, "infer", "BackendError: out of memory")
+    queued, _ = store.jobs.create(study_uid=study, model="spine_vertebrae_ct", model_version="1.0.0",
+                                  series_uid=f"{study}.2", input_uids=sops, destinations=["pacs"], rule="spine")
     store.close()
     return cfg, queued, failed
 
@@ -216,9 +275,25 @@ def test_jobs_without_a_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 def test_models_lists_the_registered_model(tmp_path: Path, smoke_models_dir: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run_cli(capsys, "models", "--config", write_cfg(tmp_path, models_dir=str(smoke_models_dir)))
+    cfg = write_cfg(tmp_path, models_dir=str(smoke_models_dir))
+    code, out, err = run_cli(capsys, "models", "--config", cfg)
     assert code == 0, err
     assert out.startswith("lung_nodule_ct"), out
+    code, again, err = run_cli(capsys, "models", "list", "--config", cfg)
+    assert code == 0 and again == out, err
+
+
+def test_models_doc_writes_a_page_per_card(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = write_cfg(tmp_path, models_dir=str(REPO / "models"))
+    code, out, err = run_cli(capsys, "models", "doc", "lung_nodule_ct", "--out", tmp_path / "pages", "--config", cfg)
+    assert code == 0, err
+    assert out.split() == [str(tmp_path / "pages" / "lung_nodule_ct.md")]
+    page = (tmp_path / "pages" / "lung_nodule_ct.md").read_text()
+    card = json.loads((REPO / "models" / "lung_nodule_ct" / "metadata.json").read_text())
+    assert page.startswith("<!-- Generated") and f"# `lung_nodule_ct` version {card['version']}" in page
+    assert "Not for clinical use" in page and card["training"]["command"] in page
+    code, _, err = run_cli(capsys, "models", "doc", "no_such_model", "--out", tmp_path / "pages", "--config", cfg)
+    assert code == 2 and "no_such_model" in err, err
 
 
 def test_jobs_accepts_config_after_the_action(populated: tuple[Path, int, int],

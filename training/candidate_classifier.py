@@ -15,15 +15,20 @@ import multiprocessing
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from inference.candidates import ISO_MM, PATCH_MM, WINDOW, chest_candidates, patches, to_iso, to_u8
+from training.device import cpu_has_bf16, training_device
 from training.nodule_insertion import RandInsertNoduled
+from training.run_log import TrainingLog
 from training.synthetic.chest_ct import JUXTAPLEURAL_FRACTION, generate_chest_ct
 
 STORED = 32                    # stored patch edge: the network sees a 24 mm crop of it, jittered +-2 mm
@@ -156,11 +161,6 @@ def paint_nodules(x: np.ndarray, y: np.ndarray, painter: RandInsertNoduled, want
     return done
 
 
-def training_device() -> torch.device:
-    """CUDA when a GPU is present (bfloat16 autocast there), else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def memory_format(device: torch.device) -> torch.memory_format:
     """Channels-last on CUDA; the default layout on the CPU, where this network's bfloat16 training step takes
     141 ms against 241 ms channels-last (64 patches, 2 cores with AMX; float32: 283 against 302 ms)."""
@@ -170,10 +170,6 @@ def memory_format(device: torch.device) -> torch.memory_format:
 def _autocast(device: torch.device = torch.device("cpu")) -> Any:
     """bfloat16 autocast on CUDA, and on a CPU with native bfloat16 (AVX512-BF16 / AMX); emulated it is ~50x
     slower, so other CPUs run float32."""
-    from contextlib import nullcontext
-
-    from training.train import cpu_has_bf16
-
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", dtype=torch.bfloat16) if cpu_has_bf16() else nullcontext()
@@ -181,8 +177,6 @@ def _autocast(device: torch.device = torch.device("cpu")) -> Any:
 
 def precision(device: torch.device) -> str:
     """What `_autocast` runs on `device`, for the model card."""
-    from training.train import cpu_has_bf16
-
     return "bfloat16 autocast" if device.type == "cuda" or cpu_has_bf16() else "float32"
 
 
@@ -231,28 +225,23 @@ def write_patches(out: Path, seeds: Sequence[int], hard: Path | None = None, wor
 VALIDATE_EVERY = 200           # steps between validations, log flushes and resumable checkpoints
 
 
-def train_classifier(patch_dirs: list[Path], out: Path, steps: int | None = None, minutes: float | None = None,
-                     lr: float = 2e-3, seed: int = 0, init: Path | None = None, painted: int = 0,
-                     log: Callable[[str], None] = print, progress: bool = False,
-                     validate_every: int = VALIDATE_EVERY) -> dict[str, float]:
-    """Train `CandidateNet` for `steps` (deterministic: the same seed and data give the same weights on the same
-    machine) or for `minutes` of wall time (the steps then depend on the machine), with a cosine learning rate
-    over that budget; 16 positives + 48 negatives a batch, up to `painted` of those negatives made positives by
-    `paint_nodules`; on the GPU when there is one (`training_device`; the weights load on the CPU either way).
+@dataclass
+class _Patches:
+    """Training and validation patches of a classifier (uint8 [N, s, s, s]) with their labels."""
 
-    The first 4 files (by name) of the first folder and the first 2 of each further one are validation; `init`
-    starts from a trained classifier. Every `validate_every` steps: a row of validation figures in the log and
-    `<out>.last.pt` (weights, optimiser, step and random states); a call that finds it resumes from it, so an
-    interrupted step-budget round ends with the weights of an uninterrupted one. `out` (the weights alone) is
-    written at the end. One CSV row per step in `<out>.csv` (step, loss, lr, validation, seconds), TensorBoard
-    under `tb/<out stem>` when installed. Returns the last validation figures."""
-    if (steps is None) == (minutes is None):
-        raise ValueError("give a round either steps or minutes")
-    from training.run_log import TrainingLog
+    x: np.ndarray
+    y: np.ndarray
+    xv: np.ndarray
+    yv: np.ndarray
+    pos: np.ndarray = field(init=False)
+    neg: np.ndarray = field(init=False)
 
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
+    def __post_init__(self) -> None:
+        self.pos, self.neg = np.nonzero(self.y == 1)[0], np.nonzero(self.y == 0)[0]
 
+
+def _load_patches(patch_dirs: list[Path]) -> _Patches:
+    """The first 4 files (by name) of the first folder and the first 2 of each further one are validation."""
     def load(fs: list[Path]) -> tuple[np.ndarray, np.ndarray]:
         d = [np.load(f) for f in fs]
         return np.concatenate([z["x"] for z in d]), np.concatenate([z["y"] for z in d])
@@ -263,77 +252,128 @@ def train_classifier(patch_dirs: list[Path], out: Path, steps: int | None = None
         k = min(4 if i == 0 else 2, len(fs) // 2)
         val_files += fs[:k]
         train_files += fs[k:]
-    x, y = load(train_files)
-    xv, yv = load(val_files)
-    pos, neg = np.nonzero(y == 1)[0], np.nonzero(y == 0)[0]
-    log(f"train positives {len(pos)} negatives {len(neg)}; validation {int(yv.sum())} / {int((1 - yv).sum())}")
+    return _Patches(*load(train_files), *load(val_files))
+
+
+@dataclass
+class _ClassifierRun:
+    """A classifier's training in progress, and what `<out>.last.pt` keeps of it."""
+
+    net: nn.Module
+    opt: torch.optim.Optimizer
+    rng: np.random.Generator
+    painter: RandInsertNoduled | None
+    device: torch.device
+    step: int = 0
+    earlier: float = 0.0
+    figures: dict[str, Any] = field(default_factory=dict)
+    painted: int = 0
+
+    def save(self, last: Path, seconds: float) -> None:
+        state = {"net": self.net.state_dict(), "opt": self.opt.state_dict(), "rng": self.rng.bit_generator.state,
+                 "painter": None if self.painter is None else self.painter.R.get_state(), "step": self.step,
+                 "seconds": seconds, "figures": self.figures, "painted": self.painted}
+        torch.save(state, last.with_suffix(".tmp"))
+        last.with_suffix(".tmp").replace(last)
+
+    def resume(self, last: Path) -> None:
+        state = torch.load(last, map_location=self.device, weights_only=False)
+        self.net.load_state_dict(state["net"])
+        self.opt.load_state_dict(state["opt"])
+        self.rng.bit_generator.state = state["rng"]
+        if self.painter is not None:
+            self.painter.R.set_state(state["painter"])
+        self.step, self.earlier, self.figures, self.painted = (state["step"], state["seconds"], state["figures"],
+                                                               state["painted"])
+
+
+def _classifier_step(run: _ClassifierRun, data: _Patches, rate: float, painted: int) -> float:
+    """One step on 16 positives + 48 negatives (up to `painted` of those made positives); returns the loss."""
+    net, opt = run.net, run.opt
+    net.train()
+    for g in opt.param_groups:
+        g["lr"] = rate
+    bi = np.concatenate([run.rng.choice(data.pos, 16), run.rng.choice(data.neg, 48)])
+    xb, yb = _augment(data.x[bi], run.rng), data.y[bi].copy()
+    if run.painter is not None:
+        run.painted += paint_nodules(xb, yb, run.painter, painted)
+    with _autocast(run.device):
+        logit = net(_tensor(xb, run.device)).reshape(-1)
+    loss = nn.BCEWithLogitsLoss()(logit.float(), torch.from_numpy(yb.astype(np.float32)).to(run.device))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    run.step += 1
+    return float(loss.item())
+
+
+def _classifier_validation(run: _ClassifierRun, data: _Patches, loss: float, seconds: float) -> float:
+    """The share of validation negatives scoring at least the 95 %-sensitivity threshold; sets `run.figures`."""
+    sv = score(run.net, data.xv)
+    th = float(np.quantile(sv[data.yv == 1], 0.05))
+    val = float(np.mean(sv[data.yv == 0] >= th))
+    run.figures = {"step": run.step, "seconds": round(seconds, 1), "loss": round(loss, 4),
+                   "negatives_at_95pc_sensitivity": round(val, 5)}
+    return val
+
+
+def train_classifier(patch_dirs: list[Path], out: Path, steps: int | None = None, minutes: float | None = None,
+                     lr: float = 2e-3, seed: int = 0, init: Path | None = None, painted: int = 0,
+                     log: Callable[[str], None] = print, progress: bool = False,
+                     validate_every: int = VALIDATE_EVERY) -> dict[str, float]:
+    """Train `CandidateNet` for `steps` (deterministic: the same seed and data give the same weights on the same
+    machine) or for `minutes` of wall time (the steps then depend on the machine), with a cosine learning rate
+    over that budget; 16 positives + 48 negatives a batch, up to `painted` of those negatives made positives by
+    `paint_nodules`; on the GPU when there is one (`training_device`; the weights load on the CPU either way).
+
+    Validation patches as `_load_patches`; `init` starts from a trained classifier. Every `validate_every` steps:
+    a row of validation figures in the log and `<out>.last.pt` (weights, optimiser, step and random states); a
+    call that finds it resumes from it, so an interrupted step-budget round ends with the weights of an
+    uninterrupted one. `out` (the weights alone) is written at the end. One CSV row per step in `<out>.csv` (step,
+    loss, lr, validation, seconds), TensorBoard under `tb/<out stem>` when installed. Returns the last validation
+    figures."""
+    if (steps is None) == (minutes is None):
+        raise ValueError("give a round either steps or minutes")
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    data = _load_patches(patch_dirs)
+    log(f"train positives {len(data.pos)} negatives {len(data.neg)}; validation {int(data.yv.sum())} / "
+        f"{int((1 - data.yv).sum())}")
     device = training_device()
     net = CandidateNet() if init is None else load_classifier(init)
     net = net.to(device, memory_format=memory_format(device))
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    loss_fn = nn.BCEWithLogitsLoss()
-    painter = nodule_painter(seed) if painted else None
-    step, earlier, figures, n_painted = 0, 0.0, {}, 0
+    run = _ClassifierRun(net, opt, rng, nodule_painter(seed) if painted else None, device)
     last = out.with_suffix(".last.pt")
     if last.is_file():
-        state = torch.load(last, map_location=device, weights_only=False)
-        net.load_state_dict(state["net"])
-        opt.load_state_dict(state["opt"])
-        rng.bit_generator.state = state["rng"]
-        if painter is not None:
-            painter.R.set_state(state["painter"])
-        step, earlier, figures, n_painted = state["step"], state["seconds"], state["figures"], state["painted"]
-        log(f"resuming {out.name} at step {step}")
+        run.resume(last)
+        log(f"resuming {out.name} at step {run.step}")
     total = steps if steps is not None else (minutes or 0.0) * 60.0
-    t0 = time.time() - earlier
+    t0 = time.time() - run.earlier
 
     def fraction() -> float:   # of the budget spent
-        return min(1.0, step / total if steps is not None else (time.time() - t0) / total)
+        return min(1.0, run.step / total if steps is not None else (time.time() - t0) / total)
 
-    run_log = TrainingLog(out.with_suffix(".csv"), step, "negatives_at_95pc_sensitivity", out.parent / "tb" / out.stem)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=steps, initial=step, desc=f"train {out.stem}", unit="step")
+    run_log = TrainingLog(out.with_suffix(".csv"), run.step, "negatives_at_95pc_sensitivity",
+                          out.parent / "tb" / out.stem)
+    bar = tqdm(total=steps, initial=run.step, desc=f"train {out.stem}", unit="step") if progress else None
     try:
         while fraction() < 1.0:
-            net.train()
             rate = lr * 0.5 * (1 + np.cos(np.pi * fraction()))
-            for g in opt.param_groups:
-                g["lr"] = rate
-            bi = np.concatenate([rng.choice(pos, 16), rng.choice(neg, 48)])
-            xb, yb = _augment(x[bi], rng), y[bi].copy()
-            if painter is not None:
-                n_painted += paint_nodules(xb, yb, painter, painted)
-            with _autocast(device):
-                logit = net(_tensor(xb, device)).reshape(-1)
-            loss = loss_fn(logit.float(), torch.from_numpy(yb.astype(np.float32)).to(device))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            step += 1
+            loss = _classifier_step(run, data, rate, painted)
             val = None
-            if step % validate_every == 0 or fraction() >= 1.0:
-                sv = score(net, xv)
-                th = float(np.quantile(sv[yv == 1], 0.05))
-                val = float(np.mean(sv[yv == 0] >= th))
-                figures = {"step": step, "seconds": round(time.time() - t0, 1), "loss": round(float(loss.item()), 4),
-                           "negatives_at_95pc_sensitivity": round(val, 5)}
-            run_log.row(step, float(loss.item()), rate, val, time.time() - t0)
+            if run.step % validate_every == 0 or fraction() >= 1.0:
+                val = _classifier_validation(run, data, loss, time.time() - t0)
+            run_log.row(run.step, loss, rate, val, time.time() - t0)
             if val is not None:
-                log(json.dumps(figures))
-                state = {"net": net.state_dict(), "opt": opt.state_dict(), "rng": rng.bit_generator.state,
-                         "painter": None if painter is None else painter.R.get_state(), "step": step,
-                         "seconds": time.time() - t0, "figures": figures, "painted": n_painted}
-                torch.save(state, last.with_suffix(".tmp"))
-                last.with_suffix(".tmp").replace(last)
+                log(json.dumps(run.figures))
+                run.save(last, time.time() - t0)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss.item()):.3f}")
+                bar.set_postfix(loss=f"{loss:.3f}")
     finally:
         run_log.close()
         if bar is not None:
             bar.close()
     torch.save(net.state_dict(), out)
-    return {**figures, "steps": step, "painted": n_painted, "device": device.type}
+    return {**run.figures, "steps": run.step, "painted": run.painted, "device": device.type}

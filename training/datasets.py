@@ -20,6 +20,11 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+from tqdm import tqdm
+
+from inference.volume import Volume
+from training.synthetic.chest_ct import generate_chest_ct
+from training.synthetic.spine_ct import MIN_VISIBLE_FRACTION, generate_spine_ct
 
 DATALIST = "datalist.json"
 
@@ -35,22 +40,17 @@ class Case:
     truth: dict[str, Any] = field(default_factory=dict)
 
 
-def _synthetic_case(task: str, seed: int, rows: int, slices: int | None, spacing: Sequence[float] | None,
-                    nodules: int | None = None) -> Case:
-    import importlib
-
-    # imported lazily (another engineer's package); the submodules work before its __init__ re-exports them
-    module = importlib.import_module("training.synthetic." + ("chest_ct" if task == "lung-nodule" else "spine_ct"))
+def _synthetic_case(task: str, seed: int, rows: int, slices: int | None, spacing: Sequence[float] | None) -> Case:
     kwargs: dict[str, Any] = {"slices": slices, "rows": rows, "spacing": tuple(spacing) if spacing else None}
     if task == "lung-nodule":
-        vol = module.generate_chest_ct(seed, nodules=nodules, **kwargs)
+        vol = generate_chest_ct(seed, **kwargs)
         truth = {"nodules": [
             {"centre_mm": [float(c) for c in n.centre_mm], "diameter_mm": float(n.diameter_mm),
              "kind": str(getattr(n, "kind", "")), "juxtapleural": bool(getattr(n, "juxtapleural", False))}
             for n in vol.nodules
         ]}
     else:
-        vol = module.generate_spine_ct(seed, **kwargs)
+        vol = generate_spine_ct(seed, **kwargs)
         truth = {"vertebrae": [
             {"label": str(v.label), "index": int(v.index), "centroid_mm": [float(c) for c in v.centroid_mm]}
             for v in vol.vertebrae
@@ -124,20 +124,18 @@ def write_case(out_dir: Path, name: str, case: Case, seed: int) -> dict[str, Any
 
 
 def _generate_case(task: str, out_dir: Path, section: str, rows: int, slices: int | None,
-                   spacing: Sequence[float] | None, nodules: int | None, phantom: bool, seed: int) -> dict[str, Any]:
-    case = phantom_case(task, seed) if phantom else _synthetic_case(task, seed, rows, slices, spacing, nodules)
+                   spacing: Sequence[float] | None, phantom: bool, seed: int) -> dict[str, Any]:
+    case = phantom_case(task, seed) if phantom else _synthetic_case(task, seed, rows, slices, spacing)
     return write_case(out_dir, f"{section}_{seed:06d}", case, seed)
 
 
 def generate_dataset(
     task: str, out_dir: Path, section: str, n: int, seed: int, rows: int = 512,
     slices: int | None = None, spacing: Sequence[float] | None = None, phantom: bool = False,
-    progress: bool = True, nodules: int | None = None, workers: int = 1,
+    progress: bool = True, workers: int = 1,
 ) -> list[dict[str, Any]]:
     """Generate `n` cases with seeds seed..seed+n-1 into `out_dir` as datalist section `section`, `workers` at a
     time (processes).
-
-    `nodules` sets the number of nodules per chest CT (None: the generator's seeded 0-4).
 
     Reuses the section when datalist.json already records the same parameters (the data are
     deterministic in the seed). Returns the entries with absolute paths.
@@ -147,26 +145,20 @@ def generate_dataset(
     datalist: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
     params = {"task": task, "n": n, "seed": seed, "rows": rows, "slices": slices,
               "spacing": list(spacing) if spacing else None, "phantom": phantom}
-    if nodules is not None:   # recorded only when set, so sections generated before keep matching
-        params["nodules"] = nodules
     if task == "spine-vertebrae" and not phantom:   # the annotation rule is part of what was generated
-        from training.synthetic.spine_ct import MIN_VISIBLE_FRACTION
-
         params["min_visible_fraction"] = MIN_VISIBLE_FRACTION
     meta = datalist.setdefault("generation", {})
     reuse = meta.get(section) == params and all(
         (out_dir / e["image"]).is_file() and (out_dir / e["label"]).is_file() for e in datalist.get(section, [])
     )
     if not reuse:
-        job = partial(_generate_case, task, out_dir, section, rows, slices, spacing, nodules, phantom)
+        job = partial(_generate_case, task, out_dir, section, rows, slices, spacing, phantom)
         seeds = range(seed, seed + n)
         parallel = workers > 1 and n > 1 and not phantom   # a case depends on its seed only: the same files
         with (ProcessPoolExecutor(min(workers, n), mp_context=multiprocessing.get_context("spawn")) if parallel
               else nullcontext()) as pool:
             done = pool.map(job, seeds) if pool is not None else map(job, seeds)
             if progress:
-                from tqdm import tqdm
-
                 done = tqdm(done, total=n, desc=f"generate {section}", unit="case")
             entries = list(done)
         datalist[section] = entries
@@ -181,8 +173,6 @@ def generate_dataset(
 def entry_volume(entry: dict[str, Any]) -> Any:
     """A generated case (NIfTI image + the entry's spacing and origin) as the gateway's `inference.volume.Volume`
     (axial, identity direction; stand-in SOP Instance UIDs)."""
-    from inference.volume import Volume
-
     hu = np.asarray(nib.load(entry["image"]).dataobj, dtype=np.float32)
     return Volume(voxels=hu, spacing=tuple(entry["spacing"]), origin=np.asarray(entry["origin"], dtype=float),
                   direction=np.eye(3), sop_instance_uids=[f"2.25.{i + 1}" for i in range(hu.shape[0])],

@@ -21,22 +21,25 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from inference.model_repo import load_model
+from training.config import TrainConfig
+from training.first_stage import cpu_benchmark, first_stage_fields
 from training.register import register_model
 from training.run_timings import PhaseTimes
+from training.scoring.served import SOURCE_FLOOR, choose_threshold, figures
 from training.second_stage import SecondStageConfig, register_second_stage, train_and_score
-from training.second_stage_eval import SOURCE_FLOOR, choose_threshold, figures
-from training.train import TrainConfig, TrainResult
+from training.train import TrainResult
 
 ALONE_METHOD = ("the first stage as the gateway serves it without a second stage (inference.preprocess + model_pass, "
                 "components measured on their source-grid voxels above the threshold and held to the card's "
-                "thresholds, training.second_stage_eval.first_stage_findings), swept over its threshold from "
-                f"{SOURCE_FLOOR} up and scored by the LUNA16 hit rule (training.second_stage_eval.served_curve); the "
+                "thresholds, training.scoring.served.first_stage_findings), swept over its threshold from "
+                f"{SOURCE_FLOOR} up and scored by the LUNA16 hit rule (training.scoring.served.served_curve); the "
                 "same scored cases as the second stage's figures, without its blobs; threshold chosen on the "
                 "calibration scans by the same curve")
 
 
 def without_blobs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Scored cases (`training.second_stage_eval.score_case` rows) as the first stage alone reports them."""
+    """Scored cases (`training.scoring.scored_cases.score_case` rows) as the first stage alone reports them."""
     return [{**r, "blobs": [], "diameters": [], "source_index": []} for r in rows]
 
 
@@ -46,8 +49,6 @@ def train_second_stage_and_register(cfg: TrainConfig, second: SecondStageConfig,
     """Steps 1-4 of the module docstring, after the first stage trained (`result`) by `command`; returns both
     stages' card metrics and, when registered, their folders. The first stage's own calibration and held-out
     sets (`data.n_calibration`, `data.n_test`) are not used: the second stage's are, for both."""
-    from training.cli import _cpu_benchmark, first_stage_fields
-
     timings = PhaseTimes(cfg.run_dir / "timings.json")
     timings.record("first_stage_s", result.seconds)     # every invocation of its training, data included
     fields = first_stage_fields(cfg, result, command)
@@ -77,14 +78,12 @@ def train_second_stage_and_register(cfg: TrainConfig, second: SecondStageConfig,
         log(f"first stage alone, held-out seeds {res['seeds'][0]}-{res['seeds'][1]}: "
             f"{res['sensitivity_at_1fp_per_scan']:.3f} at 1 FP/scan, CPM {res['cpm']:.3f}")
     if cfg.benchmark:
-        metrics["timing"] = _cpu_benchmark(result.net, cfg)
+        metrics["timing"] = cpu_benchmark(result.net, cfg)
     metrics["validation_dice"] = result.best_metric
     fields["metrics"] = metrics
     out: dict[str, Any] = {"first_stage": metrics, "second_stage": trained.metrics}
     if cfg.register_to is None:
         return out
-    from inference.model_repo import load_model
-
     plots = {r["figure"]: figures_dir / r["figure"] for r in metrics["heldout"]}
     first = register_model(result.net, fields, cfg.register_to, extra_files=plots)
     trained = replace(trained, first_card=load_model(first).card)

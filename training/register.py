@@ -167,6 +167,40 @@ def register_model(
     return target
 
 
+def declare_stages(folder: Path, stages: Sequence[Mapping[str, Any]]) -> Path:
+    """Declare in the card of the registered model at `folder` what produces its findings (`ModelCard.stages`,
+    the composition `inference.composition.build_runner` builds its runner from); the weights are untouched.
+
+    The card keeps its other fields and their order (`stages` goes after `series` when new); it is checked as the
+    gateway loads it and replaced atomically. Returns the folder.
+    """
+    load_model(folder)
+    fields = read_card(folder)
+    declared = [dict(s) for s in stages]
+    if "stages" in fields:
+        fields["stages"] = declared
+    else:
+        at = list(fields).index("series") + 1 if "series" in fields else len(fields)
+        items = list(fields.items())
+        fields = dict([*items[:at], ("stages", declared), *items[at:]])
+    ModelCard.model_validate(fields)
+    tmp = folder / ".metadata.json.tmp"
+    tmp.write_text(json.dumps(fields, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(folder / "metadata.json")
+    load_model(folder)
+    return folder
+
+
+def declare_candidate_stage(first: Path, classifier: str, probability: float | None,
+                            first_probability: float | None = None) -> Path:
+    """Declare the registered model at `first` a composition: its own segmentation at `first_probability`, then
+    candidate classification by the registered model `classifier` at `probability` (None: each its own threshold)."""
+    return declare_stages(first, [
+        {"kind": "segmentation", "model": None, "probability": first_probability},
+        {"kind": "candidate_classification", "model": classifier, "probability": probability},
+    ])
+
+
 def read_card(folder: Path) -> dict[str, Any]:
     """The model card of a registered folder as a plain dict."""
     return json.loads((folder / "metadata.json").read_text(encoding="utf-8"))

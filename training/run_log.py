@@ -43,11 +43,6 @@ class TrainingLog:
             if val is not None:
                 self.tb.add_scalar(self.val_name, val, step)
 
-    def note(self, text: str) -> None:
-        """A free-text line beside the CSV (e.g. hard-negative mining rounds)."""
-        with (self.path.parent / "notes.txt").open("a", encoding="utf-8") as f:
-            f.write(text + "\n")
-
     def close(self) -> None:
         self.file.close()
         if self.tb is not None:

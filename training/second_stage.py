@@ -9,21 +9,20 @@ One command, resumable (each step skips what its output already holds):
    negatives), and the round-1 classifier fine-tuned on both rounds;
 4. one threshold for the combination (first-stage components and scored blobs alike) chosen on the calibration
    scans for <= `operating_fp_per_scan` false positives per scan (with `operating_confidence`, that sure of it on
-   unseen scans: `training.second_stage_eval.false_positive_budget`), and the held-out figures, both through the
+   unseen scans: `training.scoring.served.false_positive_budget`), and the held-out figures, both through the
    gateway's own code (`inference.pipeline`'s first stage, `inference.second_stage`) and both on what the
-   gateway reports at each threshold (`training.second_stage_eval`: a blob beside a finding is the same nodule),
+   gateway reports at each threshold (`training.scoring.served`: a blob beside a finding is the same nodule),
    with the config's test-time `flips` (written to the card's input);
-5. registration as `models/<name>/` with `first_stage` naming the first-stage model.
+5. registration as `models/<name>/`, declared as a later stage in the first-stage model's card
+   (`training.register.declare_candidate_stage`).
 
 Steps 1-4 are `train_and_score`, step 5 `register_second_stage`; `training.lung_model` runs them after training the
-first stage, for `dxgate train lung-nodule --second-stage CONFIG`.
+first stage, for `dxgate train lung-nodule --second-stage CONFIG`; `training.workflow` is where both commands start.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,15 +35,20 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from inference.candidates import PATCH_MM
 from inference.model_card import ModelCard, check_flip_axes
+from inference.model_repo import load_model
 from training.candidate_classifier import (
     load_classifier,
     precision,
     train_classifier,
-    training_device,
     write_patches,
 )
+from training.datasets import generate_dataset
+from training.device import training_device
+from training.export import export_onnx
+from training.register import declare_candidate_stage, register_model
 from training.run_timings import PhaseTimes, machine
-from training.second_stage_eval import METHOD, choose_threshold, figures, scored_split
+from training.scoring.scored_cases import scored_split
+from training.scoring.served import METHOD, choose_threshold, figures
 from training.synthetic.chest_ct import JUXTAPLEURAL_FRACTION
 
 
@@ -124,17 +128,12 @@ def card_fields(cfg: SecondStageConfig, first_card: ModelCard, probability: floa
         "labels": [label.model_dump() for label in first_card.labels],
         "thresholds": {"probability": probability},
         "series": first_card.series.model_dump(),
-        "first_stage": {"model": first_card.name, "probability": first_probability},
     }
-
-
-def _classifier_card_for_scoring(cfg: SecondStageConfig, first_card: ModelCard) -> dict[str, Any]:
-    return {**card_fields(cfg, first_card, 0.5, 0.5), "version": "eval", "weights_sha256": "0" * 64}
 
 
 @dataclass
 class ScoredSplit:
-    """A calibration or held-out split with its scored cases (`training.second_stage_eval.score_case` rows)."""
+    """A calibration or held-out split with its scored cases (`training.scoring.scored_cases.score_case` rows)."""
 
     split: Split
     entries: list[dict[str, Any]]
@@ -156,16 +155,9 @@ class Trained:
     timings: PhaseTimes
 
 
-def train_and_score(cfg: SecondStageConfig, log: Any = print, progress: bool = False,
-                    timings: PhaseTimes | None = None) -> Trained:
-    """Steps 1-4 of the module docstring (resumable); `timings` (default: the run directory's) gets each phase."""
-    from inference.model_repo import load_model
-    from training.datasets import generate_dataset
-    from training.export import export_onnx
-    torch.manual_seed(cfg.seed)
-    first = load_model(cfg.first_stage)
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    timings = timings if timings is not None else PhaseTimes(cfg.run_dir / "timings.json")
+def train_rounds(cfg: SecondStageConfig, log: Any, progress: bool, timings: PhaseTimes) -> tuple[Path, list[int]]:
+    """Steps 1-3 of the module docstring, each round's patches and classifier skipped where already there; returns
+    the last round's checkpoint and the steps of each round."""
     steps: list[int] = []          # recorded: with a budget in minutes they depend on the machine
     dirs: list[Path] = []
     previous: Path | None = None
@@ -186,20 +178,32 @@ def train_and_score(cfg: SecondStageConfig, log: Any = print, progress: bool = F
         steps.append(int(json.loads(done.read_text())["steps"]))
         previous = ckpt
     assert previous is not None
-    net = load_classifier(previous).eval()
+    return previous, steps
+
+
+def score_split(cfg: SecondStageConfig, s: Split, name: str, onnx: Path, scoring_card: dict[str, Any],
+                log: Any) -> ScoredSplit:
+    """A split generated (or reused) and each of its cases scored as served (`scored_split`, cached by seed)."""
+    entries = generate_dataset("lung-nodule", s.dir, s.section, s.n, s.seed, rows=s.rows, slices=s.slices,
+                               progress=False, workers=cfg.workers)
+    rows = scored_split(entries, cfg.run_dir / "scores" / name, cfg.first_stage, onnx, scoring_card, cfg.workers, log)
+    return ScoredSplit(s, entries, rows)
+
+
+def train_and_score(cfg: SecondStageConfig, log: Any = print, progress: bool = False,
+                    timings: PhaseTimes | None = None) -> Trained:
+    """Steps 1-4 of the module docstring (resumable); `timings` (default: the run directory's) gets each phase."""
+    torch.manual_seed(cfg.seed)
+    first = load_model(cfg.first_stage)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    timings = timings if timings is not None else PhaseTimes(cfg.run_dir / "timings.json")
+    last, steps = train_rounds(cfg, log, progress, timings)
+    net = load_classifier(last).eval()
     onnx = cfg.run_dir / "classifier.onnx"
     export_onnx(net, torch.zeros(1, 1, PATCH_MM, PATCH_MM, PATCH_MM), onnx)
-    scoring_card = _classifier_card_for_scoring(cfg, first.card)
-
-    def scored(s: Split, name: str) -> ScoredSplit:
-        entries = generate_dataset("lung-nodule", s.dir, s.section, s.n, s.seed, rows=s.rows, slices=s.slices,
-                                   progress=False, workers=cfg.workers)
-        rows = scored_split(entries, cfg.run_dir / "scores" / name, cfg.first_stage, onnx, scoring_card,
-                            cfg.workers, log)
-        return ScoredSplit(s, entries, rows)
-
+    scoring_card = {**card_fields(cfg, first.card, 0.5, 0.5), "version": "eval", "weights_sha256": "0" * 64}
     with timings.phase("calibration_s"):
-        cal = scored(cfg.calibration, "calibration")
+        cal = score_split(cfg, cfg.calibration, "calibration", onnx, scoring_card, log)
     op = choose_threshold(cal.rows, cal.entries, cfg.operating_fp_per_scan, cfg.threshold_floor,
                           first.card.thresholds, cfg.operating_confidence)
     log(f"operating point: {json.dumps(op)}")
@@ -208,7 +212,7 @@ def train_and_score(cfg: SecondStageConfig, log: Any = print, progress: bool = F
     heldout = []
     for i, s in enumerate(cfg.test):
         with timings.phase(f"heldout_{s.seed}_s"):
-            held = scored(s, f"{s.section}_{s.seed}")
+            held = score_split(cfg, s, f"{s.section}_{s.seed}", onnx, scoring_card, log)
         heldout.append(held)
         plot = figures_dir / ("froc.png" if i == 0 else f"froc_{s.seed}.png")
         res = figures(held.rows, held.entries, op["probability"], plot,
@@ -243,18 +247,19 @@ def training_record(cfg: SecondStageConfig, trained: Trained, command: str, conf
 
 def register_second_stage(cfg: SecondStageConfig, trained: Trained, register_to: Path, command: str,
                           config: Path) -> Path:
-    """Register the classifier as `register_to/<name>/` with its card, naming `trained.first_card` as its first
-    stage, and the held-out FROC plots beside it (`command` trained it; `config` is its config file)."""
-    from training.register import register_model
-
+    """Register the classifier as `register_to/<name>/` with its card and the held-out FROC plots beside it, and
+    declare it the candidate stage of `register_to/<first stage>/` (`command` trained it; `config` is its config
+    file)."""
     probability = trained.operating_point["probability"]
     fields = card_fields(cfg, trained.first_card, probability, probability)
     fields["training"] = training_record(cfg, trained, command, config)
     fields["metrics"] = trained.metrics
     extra = {r["figure"]: trained.figures_dir / r["figure"] for r in trained.metrics["heldout"]}
     rng = np.random.default_rng(0)
-    return register_model(trained.net, fields, register_to, extra_files=extra,
-                          parity_inputs=[rng.random((4, 1, PATCH_MM, PATCH_MM, PATCH_MM), dtype=np.float32)])
+    folder = register_model(trained.net, fields, register_to, extra_files=extra,
+                            parity_inputs=[rng.random((4, 1, PATCH_MM, PATCH_MM, PATCH_MM), dtype=np.float32)])
+    declare_candidate_stage(register_to / trained.first_card.name, cfg.name, probability, probability)
+    return folder
 
 
 def run(cfg: SecondStageConfig, config_path: Path, log: Any = print, progress: bool = False) -> dict[str, Any]:
@@ -265,18 +270,3 @@ def run(cfg: SecondStageConfig, config_path: Path, log: Any = print, progress: b
     folder = register_second_stage(cfg, trained, cfg.register_to,
                                    f"dxgate train lung-nodule-candidates --config {config_path}", config_path)
     return {**trained.metrics, "registered": str(folder)}
-
-
-def train_command(config: Path) -> int:
-    """`dxgate train lung-nodule-candidates --config FILE`; returns a process exit status."""
-    try:
-        cfg = load_config(config)
-    except (OSError, ValueError) as exc:
-        print(f"dxgate train: cannot read {config}: {exc}", file=sys.stderr)
-        return 2
-    if not (cfg.first_stage / "metadata.json").is_file():
-        print(f"dxgate train: first stage {cfg.first_stage} is not a model folder", file=sys.stderr)
-        return 2
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    print(json.dumps(run(cfg, config, log=lambda s: print(s, flush=True), progress=sys.stderr.isatty()), indent=1))
-    return 0

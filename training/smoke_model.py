@@ -10,8 +10,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from training.config import DataConfig, TrainConfig
 from training.register import card_fields_for, register_model
-from training.train import DataConfig, TrainConfig, train
+from training.train import train
 
 _TASKS = {"lung_nodule_ct": "lung-nodule", "spine_vertebrae_ct": "spine-vertebrae"}
 

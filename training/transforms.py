@@ -1,4 +1,4 @@
-"""MONAI transform chains that reproduce the inference preprocessing (CONTRACTS.md "Model contract").
+"""MONAI transform chains that reproduce the inference preprocessing (`inference.preprocess`).
 
 Arrays stay in the source axis order [Z, Y, X] (slices sorted along the normal, rows, columns): the
 volumes are written as NIfTI with a diagonal affine diag(sz, sy, sx), so `Spacingd` resamples axis 0 to
@@ -37,6 +37,8 @@ from monai.transforms import (
 )
 from scipy import ndimage
 
+from training.nodule_insertion import RandInsertNoduled
+
 KEYS = ("image", "label")
 
 # VerSe label values (C1=1 .. L5=24, sacrum=26) -> output channels 1..25 (the spine model has 26 channels).
@@ -57,7 +59,6 @@ LUNG_PARENCHYMA_HU = (-950.0, -500.0)
 BONE_HU = 200.0
 FIRST_NODULE_CLASS = 3
 MAX_NODULE_CLASSES = 8
-HARD_NEGATIVE_CLASS = FIRST_NODULE_CLASS + MAX_NODULE_CLASSES
 MAX_SAMPLES_PER_CLASS = 20000   # cached centre candidates per class (random subset of large classes)
 CROP_JITTER = 16                # the sampled voxel lands anywhere within +-8 voxels of the patch centre
 
@@ -69,18 +70,18 @@ def crop_size(roi: Sequence[int]) -> tuple[int, ...]:
 
 def sampling_classes(task: str) -> int:
     """Number of patch-sampling classes per task."""
-    return HARD_NEGATIVE_CLASS + 1 if task == "lung-nodule" else 1 + len(SPINE_LEVELS)
+    return FIRST_NODULE_CLASS + MAX_NODULE_CLASSES if task == "lung-nodule" else 1 + len(SPINE_LEVELS)
 
 
-def sampling_ratios(task: str, pos: float, neg: float, hard: float = 0.0) -> list[float]:
+def sampling_ratios(task: str, pos: float, neg: float) -> list[float]:
     """Relative draw weights per sampling class (absent classes are skipped by MONAI).
 
     Nodules: of the negative weight, 0.3 elsewhere (soft tissue, air), 0.4 in the lungs and 0.3 on
-    bone, `pos` per nodule, `hard` for mined false positives. Vertebrae: `neg` for background, `pos` for
+    bone, `pos` per nodule. Vertebrae: `neg` for background, `pos` for
     every level (rare cervical levels as often as lumbar ones).
     """
     if task == "lung-nodule":
-        return [0.3 * neg, 0.4 * neg, 0.3 * neg] + [pos] * MAX_NODULE_CLASSES + [hard]
+        return [0.3 * neg, 0.4 * neg, 0.3 * neg] + [pos] * MAX_NODULE_CLASSES
     return [neg] + [pos] * len(SPINE_LEVELS)
 
 
@@ -171,13 +172,11 @@ def load_transforms(task: str, spacing: Sequence[float], window: Sequence[float]
 
 def augment_transforms(task: str, roi: Sequence[int], num_samples: int, pos: float, neg: float,
                        insert_nodules: float = 0.0, window: Sequence[float] = (-1000.0, 400.0),
-                       spacing: Sequence[float] = (1.5, 1.5, 1.5), hard: float = 0.0,
-                       insertion: Mapping[str, float] | None = None) -> list:
+                       spacing: Sequence[float] = (1.5, 1.5, 1.5)) -> list:
     """Random part: label-aware patch sampling plus geometric and intensity augmentation.
 
     `insert_nodules` is the probability that a lung patch gets one extra synthetic nodule
-    (`training.nodule_insertion.RandInsertNoduled`, with the keyword arguments in `insertion`; `window`
-    and `spacing` describe the patch). `hard` weighs the mined false positives (`training.hard_negatives`).
+    (`training.nodule_insertion.RandInsertNoduled`; `window` and `spacing` describe the patch).
 
     Nodules are flipped along every axis and rotated in the axial plane. Vertebrae are only flipped
     left-right (a cranio-caudal flip would swap the levels the network must tell apart) and rotated by
@@ -186,7 +185,7 @@ def augment_transforms(task: str, roi: Sequence[int], num_samples: int, pos: flo
     roi = tuple(int(r) for r in roi)
     chain: list = [
         RandCropByLabelClassesd(
-            keys=KEYS, label_key="label", spatial_size=crop_size(roi), ratios=sampling_ratios(task, pos, neg, hard),
+            keys=KEYS, label_key="label", spatial_size=crop_size(roi), ratios=sampling_ratios(task, pos, neg),
             num_classes=sampling_classes(task), num_samples=num_samples, indices_key=INDICES_KEY if task ==
             "lung-nodule" else "label_cls_indices", allow_smaller=True, warn=False,
         ),
@@ -194,9 +193,7 @@ def augment_transforms(task: str, roi: Sequence[int], num_samples: int, pos: flo
     ]
     if task == "lung-nodule":
         if insert_nodules > 0:
-            from training.nodule_insertion import RandInsertNoduled
-
-            chain.append(RandInsertNoduled(KEYS, window, spacing, prob=insert_nodules, **dict(insertion or {})))
+            chain.append(RandInsertNoduled(KEYS, window, spacing, prob=insert_nodules))
         chain += [
             RandFlipd(keys=KEYS, prob=0.5, spatial_axis=0),
             RandFlipd(keys=KEYS, prob=0.5, spatial_axis=1),

@@ -2,7 +2,8 @@
 
 PS3.4 has no "study complete" message for C-STORE pushes, so completeness is inferred: every
 association that delivered instances of the study is released (or aborted), and no instance arrived
-for `quiet_seconds` (per calling AE override). A late instance reopens the study (see JobStore).
+for `quiet_seconds` (per calling AE override). A late instance reopens the study (`store.instances`).
+READY studies are then routed: jobs QUEUED, or UNROUTED with the reasons recorded.
 """
 
 from __future__ import annotations
@@ -10,52 +11,68 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
+from dicom_gateway.route.routing import route_study
+from dicom_gateway.route.series import summarise_series
 from dicom_gateway.settings import Settings
-from dicom_gateway.states import StudyState
-from dicom_gateway.store.jobstore import JobStore
+from dicom_gateway.states import Stage, StudyState
+from dicom_gateway.store import Store
 
 log = logging.getLogger("dxgate.assembly")
 
 
-def mark_ready_studies(settings: Settings, store: JobStore, now: Callable[[], float] = time.time) -> list[str]:
+def mark_ready_studies(settings: Settings, store: Store, now: Callable[[], float] = time.time) -> list[str]:
     """Move every complete RECEIVING study to READY; returns their StudyInstanceUIDs."""
     ready: list[str] = []
     t = now()
-    for study in store.receiving_studies():
+    for study in store.studies.receiving():
         if study["open_associations"]:
             continue
         if t - study["last_received_at"] < settings.quiet_for(study["calling_ae"]):
             continue
-        if store.set_study_state(study["study_uid"], StudyState.READY, expect=StudyState.RECEIVING,
-                                 epoch=study["epoch"]):
+        if store.studies.set_state(study["study_uid"], StudyState.READY, expect=StudyState.RECEIVING,
+                                   epoch=study["epoch"]):
             log.info("study ready", extra={"study_uid": study["study_uid"], "state": "READY"})
             ready.append(study["study_uid"])
     return ready
 
 
-def route_ready_studies(settings: Settings, store: JobStore, models: dict) -> int:
-    """Route every READY study: jobs QUEUED per (model, series), or UNROUTED with the reasons recorded."""
-    from dicom_gateway.route.routing import route_study
-    from dicom_gateway.route.series import summarise_series
+def route_ready_studies(settings: Settings, store: Store, models: dict) -> int:
+    """Route every READY study; returns how many jobs were created.
 
+    A study whose routing raises becomes UNROUTED with the error as its reason (stage route), so one
+    bad study never holds up the studies behind it; a late instance reopens it.
+    """
     created = 0
-    all_destinations = [d.name for d in settings.destinations]
-    for study in store.studies_in_state(StudyState.READY):
-        uid, epoch = study["study_uid"], study["epoch"]
-        series = summarise_series(store.study_instances(uid))
-        decisions, reasons = route_study(settings.rules, models, series, all_destinations)
-        for d in decisions:
-            _, new = store.create_job(study_uid=uid, model=d.model, model_version=d.model_version,
-                                      series_uid=d.series.series_uid, input_uids=list(d.series.sop_instance_uids),
-                                      destinations=d.destinations, rule=d.rule, study_epoch=epoch)
-            created += int(new)
-        if decisions:
-            store.set_study_state(uid, StudyState.ROUTED, expect=StudyState.READY, epoch=epoch,
-                                  reason="; ".join(reasons) or None)
-            log.info("study routed", extra={"study_uid": uid, "count": len(decisions), "state": "ROUTED"})
-        else:
-            reason = "; ".join(reasons) or "no routing rule configured"
-            store.set_study_state(uid, StudyState.UNROUTED, expect=StudyState.READY, epoch=epoch, reason=reason)
-            log.info("study not routed", extra={"study_uid": uid, "state": "UNROUTED", "reason": reason})
+    for study in store.studies.in_state(StudyState.READY):
+        try:
+            created += _route(settings, store, models, study)
+        except Exception as exc:
+            reason = f"{Stage.ROUTE} failed: {type(exc).__name__}: {exc}"
+            log.exception("routing failed", extra={"study_uid": study["study_uid"], "stage": str(Stage.ROUTE)})
+            store.studies.set_state(study["study_uid"], StudyState.UNROUTED, expect=StudyState.READY,
+                                    epoch=study["epoch"], reason=reason)
+    return created
+
+
+def _route(settings: Settings, store: Store, models: dict, study: Any) -> int:
+    """One READY study: a job per (model, series) decided, then ROUTED; or UNROUTED with the reasons."""
+    uid, epoch = study["study_uid"], study["epoch"]
+    series = summarise_series(store.instances.of_study(uid))
+    decisions, reasons = route_study(settings.rules, models, series, [d.name for d in settings.destinations])
+    created = 0
+    for d in decisions:
+        _, new = store.jobs.create(study_uid=uid, model=d.model, model_version=d.model_version,
+                                   series_uid=d.series.series_uid, input_uids=list(d.series.sop_instance_uids),
+                                   destinations=d.destinations, rule=d.rule, study_epoch=epoch)
+        created += int(new)
+    if decisions:
+        store.studies.set_state(uid, StudyState.ROUTED, expect=StudyState.READY, epoch=epoch,
+                                reason="; ".join(reasons) or None)
+        log.info("study routed", extra={"study_uid": uid, "count": len(decisions), "state": "ROUTED"})
+    else:
+        reason = "; ".join(reasons) or "no routing rule configured"
+        store.studies.set_state(uid, StudyState.UNROUTED, expect=StudyState.READY, epoch=epoch, reason=reason)
+        log.info("study not routed", extra={"study_uid": uid, "state": "UNROUTED", "reason": reason})
     return created

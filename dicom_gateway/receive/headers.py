@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from dicom_gateway.errors import MissingIdentifierError, UnparsableDatasetError
-from dicom_gateway.store.jobstore import InstanceRecord
+from dicom_gateway.store import InstanceRecord
 
 DEFER_SIZE = 4096
 """Values larger than this are skipped while parsing a header (pixel data, large private blobs)."""

@@ -33,7 +33,8 @@ from pathlib import Path
 
 from dicom_gateway.errors import ConfigError, GatewayError
 from dicom_gateway.settings import Settings
-from dicom_gateway.store.jobstore import JobStore
+from dicom_gateway.store import Associations, Store
+from dicom_gateway.store.db import Database
 
 log = logging.getLogger("dxgate.receivers")
 
@@ -71,11 +72,11 @@ class StopRequest:
 
 
 # -- child side -------------------------------------------------------------------------------
-class _ReportingJobStore(JobStore):
-    """A JobStore that tells the parent which associations this process opened and closed."""
+class _ReportingAssociations(Associations):
+    """Associations that also tell the parent which ones this process opened and closed."""
 
-    def __init__(self, db_path: Path, durable: bool, report: Connection | None) -> None:
-        super().__init__(db_path, durable=durable)
+    def __init__(self, db: Database, report: Connection | None) -> None:
+        super().__init__(db)
         self._report = report
         self._report_lock = threading.Lock()
 
@@ -88,13 +89,13 @@ class _ReportingJobStore(JobStore):
         except OSError:  # the parent is gone; the pdeathsig / getppid poll ends this process
             log.debug("could not report association %s %d to the parent", what, association_id)
 
-    def open_association(self, calling_ae: str, peer: str | None) -> int:
-        association_id = super().open_association(calling_ae, peer)
+    def open(self, calling_ae: str, peer: str | None) -> int:
+        association_id = super().open(calling_ae, peer)
         self._send("open", association_id)
         return association_id
 
-    def close_association(self, association_id: int, aborted: bool = False) -> None:
-        super().close_association(association_id, aborted=aborted)
+    def close(self, association_id: int, aborted: bool = False) -> None:
+        super().close(association_id, aborted=aborted)
         self._send("close", association_id)
 
 
@@ -142,7 +143,8 @@ def run_receiver(settings_json_or_path: str, stop_event: MpEvent, ready: MpEvent
     _die_with_parent(parent_pid)
     settings = _load_settings(settings_json_or_path)
     configure_logging(settings.log_level, settings.log_format)
-    store = _ReportingJobStore(settings.db_path, durable=settings.fsync, report=report)
+    store = Store(settings.db_path, durable=settings.fsync)
+    store.associations = _ReportingAssociations(store.db, report)
     spool = Spool(settings.spool_dir, fsync=settings.fsync, min_free_bytes=settings.min_free_disk_bytes)
     scp = StorageSCP(settings, store, spool, reuse_port=True)
     scp.start()
@@ -180,7 +182,7 @@ class _Slot:
 class ReceiverPool:
     """`settings.receivers` receiver processes, monitored and restarted by a thread of the main process."""
 
-    def __init__(self, settings: Settings, store: JobStore) -> None:
+    def __init__(self, settings: Settings, store: Store) -> None:
         if not hasattr(socket, "SO_REUSEPORT"):
             raise ConfigError(f"receivers: {settings.receivers} needs SO_REUSEPORT, which {sys.platform} lacks; "
                               "set receivers: 1")
@@ -257,7 +259,7 @@ class ReceiverPool:
             slot.conn = None
         for association_id in sorted(slot.open_ids):
             try:
-                self.store.close_association(association_id, aborted=True)
+                self.store.associations.close(association_id, aborted=True)
             except Exception:
                 log.exception("could not close association %d of receiver %d", association_id, slot.index)
         if slot.open_ids:

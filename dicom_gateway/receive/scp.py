@@ -48,7 +48,7 @@ from dicom_gateway.errors import STATUS_SUCCESS, UnparsableDatasetError, dimse_s
 from dicom_gateway.receive.headers import identifiers, instance_record, parse_dataset_bytes
 from dicom_gateway.receive.spool import Spool
 from dicom_gateway.settings import Settings
-from dicom_gateway.store.jobstore import JobStore
+from dicom_gateway.store import Store
 
 log = logging.getLogger("dxgate.scp")
 
@@ -118,7 +118,7 @@ class ReusePortAssociationServer(ThreadedAssociationServer):
 class StorageSCP:
     """Accepts associations for Verification and every storage SOP class, and stores what it receives."""
 
-    def __init__(self, settings: Settings, store: JobStore, spool: Spool,
+    def __init__(self, settings: Settings, store: Store, spool: Spool,
                  on_event: Callable[[str], None] | None = None, *, reuse_port: bool = False) -> None:
         self.settings = settings
         self.reuse_port = reuse_port
@@ -210,7 +210,7 @@ class StorageSCP:
 
     def _on_accepted(self, event: evt.Event) -> None:
         calling_ae = self._calling_ae(event.assoc)
-        assoc_id = self.store.open_association(calling_ae, event.assoc.requestor.address)
+        assoc_id = self.store.associations.open(calling_ae, event.assoc.requestor.address)
         with self._assoc_lock:
             self._assoc_ids[event.assoc] = assoc_id
         log.info("association accepted", extra={"calling_ae": calling_ae, "association_id": assoc_id})
@@ -224,7 +224,7 @@ class StorageSCP:
             assoc_id = self._assoc_ids.pop(event.assoc, None)
         if assoc_id is None:
             return
-        self.store.close_association(assoc_id, aborted=aborted)
+        self.store.associations.close(assoc_id, aborted=aborted)
         log.info(f"association {how}", extra={"calling_ae": self._calling_ae(event.assoc),
                                               "association_id": assoc_id})
         self._notify(EVENT_ASSOCIATION_CLOSED)
@@ -283,7 +283,7 @@ class StorageSCP:
         meta = file_meta_bytes(str(req.AffectedSOPClassUID), sop, ts, sending_ae=calling_ae,
                                receiving_ae=self.settings.ae_title)
         with self._sop_locks[hash(sop) % len(self._sop_locks)]:
-            if self.store.has_instance(sop):
+            if self.store.instances.exists(sop):
                 return "duplicate (already stored)"
             view = data.getbuffer()
             try:
@@ -294,7 +294,7 @@ class StorageSCP:
             finally:
                 view.release()
             try:
-                new = self.store.record_instance(rec)
+                new = self.store.instances.record(rec)
             except BaseException:
                 self.spool.remove(path)  # nothing unrecorded stays; the peer gets a failure and resends
                 raise

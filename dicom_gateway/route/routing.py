@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from dicom_gateway.route.rules import rule_matches, select_series
 from dicom_gateway.route.series import SeriesSummary
 from dicom_gateway.settings import Rule
-from inference.model_repo import RegisteredModel
+from inference.model_repo import RegisteredModel, composing_models
 
 
 @dataclass
@@ -69,9 +69,10 @@ def route_study(rules: Sequence[Rule], models: Mapping[str, RegisteredModel], se
             if model is None:
                 reasons.append(f"rule {rule.name}: model {name} not installed")
                 continue
-            if model.card.first_stage is not None:
-                reasons.append(f"rule {rule.name}: model {name} is the second stage of {model.card.first_stage.model}, "
-                               "which runs it; route to that model")
+            if not model.card.runs_alone:
+                owners = ", ".join(composing_models(name, models)) or "another model"
+                reasons.append(f"rule {rule.name}: model {name} runs only as a stage of {owners}, which runs it; "
+                               "route to that model")
                 continue
             chosen, why = select_series(model.card, matched)
             if chosen is None:

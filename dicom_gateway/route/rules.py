@@ -1,6 +1,6 @@
 """Routing rules and series selection as pure functions: data in, (answer, reason) out; no I/O.
 
-Rules are data (DESIGN.md): conditions are matched with sets, inclusive numeric ranges and Python
+Rules are data (docs/design.md): conditions are matched with sets, inclusive numeric ranges and Python
 regular expressions (searched case-insensitively). Nothing from the configuration is evaluated.
 """
 

@@ -26,7 +26,7 @@ from typing import Any
 from dicom_gateway.errors import DeliveryError
 from dicom_gateway.send.scu import AssociationFailedError, is_success, store_datasets_or_files
 from dicom_gateway.settings import Destination, Settings
-from dicom_gateway.store.jobstore import JobStore
+from dicom_gateway.store import Store
 
 log = logging.getLogger("dxgate.sender")
 
@@ -46,7 +46,7 @@ def outputs_for(destination: Destination, outputs: list[dict[str, Any]]) -> list
 class Sender:
     """Delivers job outputs; `run_once` for one pass (tests, CLI), `run_forever` in the server."""
 
-    def __init__(self, settings: Settings, store: JobStore, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, settings: Settings, store: Store, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.store = store
         self.clock = clock
@@ -55,7 +55,7 @@ class Sender:
     def run_once(self) -> int:
         """Attempt every due delivery once (destinations in parallel); returns how many were attempted."""
         by_dest: dict[str, list[sqlite3.Row]] = defaultdict(list)
-        for row in self.store.due_deliveries(now=self.clock()):
+        for row in self.store.deliveries.due(now=self.clock()):
             by_dest[row["destination"]].append(row)
         if not by_dest:
             return 0
@@ -68,7 +68,7 @@ class Sender:
 
     def run_destination_once(self, name: str) -> int:
         """Attempt the due deliveries of one destination; returns how many were attempted."""
-        rows = [r for r in self.store.due_deliveries(now=self.clock()) if r["destination"] == name]
+        rows = [r for r in self.store.deliveries.due(now=self.clock()) if r["destination"] == name]
         return self._deliver_all(name, rows) if rows else 0
 
     # -- forever --------------------------------------------------------------------------------
@@ -83,7 +83,7 @@ class Sender:
         while not stop.is_set():
             try:  # deliveries naming a destination no longer configured: dead letters with a clear reason
                 unknown: dict[str, list[sqlite3.Row]] = defaultdict(list)
-                for row in self.store.due_deliveries(now=self.clock()):
+                for row in self.store.deliveries.due(now=self.clock()):
                     if row["destination"] not in known:
                         unknown[row["destination"]].append(row)
                 for name, rows in unknown.items():
@@ -124,7 +124,7 @@ class Sender:
     def _deliver(self, destination: Destination, row: sqlite3.Row) -> str | None:
         """One delivery attempt; returns the error if the destination could not be associated with."""
         job_id = int(row["job_id"])
-        job = self.store.get_job(job_id)
+        job = self.store.jobs.get(job_id)
         if job is None:
             return None
         outputs = outputs_for(destination, json.loads(job["outputs"]))
@@ -167,14 +167,14 @@ class Sender:
     def _record(self, row: sqlite3.Row, *, ok: bool, error: str | None = None, final: bool = False) -> None:
         job_id, name = int(row["job_id"]), str(row["destination"])
         if ok:
-            self.store.record_delivery(job_id, name, ok=True)
+            self.store.deliveries.record(job_id, name, ok=True)
             return
         cfg = self.settings.sender
         attempts = int(row["attempts"])
         retry_at: float | None = None
         if not final and attempts + 1 < cfg.max_attempts:
             retry_at = self.clock() + min(cfg.backoff_initial_s * 2 ** attempts, cfg.backoff_max_s)
-        self.store.record_delivery(job_id, name, ok=False, error=error, retry_at=retry_at)
+        self.store.deliveries.record(job_id, name, ok=False, error=error, retry_at=retry_at)
         extra = {"job_id": job_id, "destination": name, "reason": error}
         if retry_at is None:
             log.error("delivery failed for good (dead letter)", extra=extra)

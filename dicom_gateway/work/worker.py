@@ -21,7 +21,8 @@ from typing import Any
 import pydicom
 
 from dicom_gateway.settings import Settings
-from dicom_gateway.store.jobstore import JobStore
+from dicom_gateway.states import Stage
+from dicom_gateway.store import Store
 from inference.errors import InferenceError, ModelNotFoundError, VolumeError
 from inference.model_repo import RegisteredModel
 from inference.pipeline import ModelRunner
@@ -52,7 +53,7 @@ def _output_entry(kind: str, path: Path, ds: pydicom.Dataset) -> dict[str, Any]:
 class Worker:
     """Runs jobs one at a time. Several workers may share a store: the lease keeps them apart."""
 
-    def __init__(self, settings: Settings, store: JobStore, models: dict[str, LoadedModel],
+    def __init__(self, settings: Settings, store: Store, models: dict[str, LoadedModel],
                  worker_id: str | None = None) -> None:
         self.settings = settings
         self.store = store
@@ -70,7 +71,7 @@ class Worker:
                 stop.wait(1.0)
 
     def run_once(self) -> bool:
-        job = self.store.claim_job(self.worker_id, self.settings.worker.lease_s)
+        job = self.store.jobs.claim(self.worker_id, self.settings.worker.lease_s)
         if job is None:
             return False
         self.run_job(job)
@@ -80,7 +81,7 @@ class Worker:
     def run_job(self, job: Any) -> None:
         job_id = int(job["id"])
         extra = {"job_id": job_id, "study_uid": job["study_uid"], "model": job["model"]}
-        stage = "load_model"
+        stage = Stage.LOAD_MODEL
         try:
             loaded = self.models.get(job["model"])
             if loaded is None:
@@ -89,35 +90,35 @@ class Worker:
                 raise ModelNotFoundError(f"model {job['model']} version {loaded.model.version} is loaded, job needs "
                                      f"{job['model_version']}")
             self._record_wait_stages(job)
-            stage = "load"
+            stage = Stage.LOAD
             paths = self._input_paths(job)
             result = loaded.runner.run(paths)
-            self.store.record_stages(job_id, result.stage_seconds)
-            stage = "encode"
+            self.store.jobs.record_stages(job_id, result.stage_seconds)
+            stage = Stage.ENCODE
             outputs = self._encode_and_validate(job, loaded.model, result, paths)
-            self.store.finish_encoding(job_id, outputs, loaded.model.card.weights_sha256, len(result.findings),
-                                       json.loads(job["destinations"]))
+            self.store.jobs.finish_encoding(job_id, outputs, loaded.model.card.weights_sha256,
+                                            len(result.findings), json.loads(job["destinations"]))
             log.info("job encoded", extra={**extra, "state": "ENCODED", "count": len(result.findings)})
         except InferenceError as exc:
-            stage = getattr(exc, "stage", stage)
+            stage = Stage(exc.stage)
             log.warning("job failed: %s", exc, extra={**extra, "stage": stage})
-            self.store.fail(job_id, stage, f"{type(exc).__name__}: {exc}")
+            self.store.jobs.fail(job_id, stage, f"{type(exc).__name__}: {exc}")
         except Exception as exc:  # an unexpected error still ends the job FAILED with its stage
             log.exception("job failed unexpectedly", extra={**extra, "stage": stage})
-            self.store.fail(job_id, stage, f"{type(exc).__name__}: {exc}")
+            self.store.jobs.fail(job_id, stage, f"{type(exc).__name__}: {exc}")
 
     def _record_wait_stages(self, job: Any) -> None:
-        study = self.store.get_study(job["study_uid"])
+        study = self.store.studies.get(job["study_uid"])
         if study is None:
             return
         stages = {"receive": study["last_received_at"] - study["first_received_at"]}
         if study["ready_at"]:
             stages["quiet_wait"] = study["ready_at"] - study["last_received_at"]
-        self.store.record_stages(int(job["id"]), stages)
+        self.store.jobs.record_stages(int(job["id"]), stages)
 
     def _input_paths(self, job: Any) -> list[Path]:
         uids = set(json.loads(job["inputs"]))
-        rows = [r for r in self.store.study_instances(job["study_uid"]) if r["sop_instance_uid"] in uids]
+        rows = [r for r in self.store.instances.of_study(job["study_uid"]) if r["sop_instance_uid"] in uids]
         missing = uids - {r["sop_instance_uid"] for r in rows}
         if missing:
             raise VolumeError(f"{len(missing)} input instance(s) missing from the store")
@@ -142,7 +143,7 @@ class Worker:
         if seg is not None:
             produced.append(("seg", seg))
         supersedes = [(str(sources[0].StudyInstanceUID), o["series_instance_uid"], o["sop_instance_uid"])
-                      for o in self.store.earlier_outputs(int(job["id"])) if o["kind"] == "sr"]
+                      for o in self.store.jobs.earlier_outputs(int(job["id"])) if o["kind"] == "sr"]
         produced.insert(0, ("sr", encode_sr(result, model.card, sources, seg=seg, supersedes=supersedes)))
         if any(d.overlay == "gsps" for d in dests) or not dests:
             gsps = encode_gsps(result, model.card, sources)
@@ -168,6 +169,6 @@ class Worker:
             path = out_dir / f"{n:02d}_{kind}_{ds.SOPInstanceUID}.dcm"
             _write_atomic(path, ds, self.settings.fsync)
             outputs.append(_output_entry(kind, path, ds))
-        self.store.record_stages(int(job["id"]), {"encode": t1 - t0 + (time.perf_counter() - t2),
-                                                  "validate": t2 - t1})
+        self.store.jobs.record_stages(int(job["id"]), {"encode": t1 - t0 + (time.perf_counter() - t2),
+                                                       "validate": t2 - t1})
         return outputs

@@ -17,7 +17,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from inference.errors import EncodeError
-from inference.findings import Algorithm, Code, Finding, InferenceResult
+from inference.findings import Algorithm, Code, Finding, InferenceResult, algorithm_of
 from inference.model_card import LabelSpec, ModelCard
 
 MANUFACTURER = "dxgate project"
@@ -69,14 +69,29 @@ def device_uid(card: ModelCard) -> str:
     return generate_uid(entropy_srcs=[SOFTWARE_NAME, card.name, card.version])
 
 
-def algorithm_identification(card: ModelCard, second_stage: Algorithm | None = None
+ORDINALS = ("first", "second", "third", "fourth", "fifth")
+
+
+def stage_name(position: int) -> str:
+    """`second stage` for position 1 of a composition (`InferenceResult.algorithms`), and so on."""
+    return f"{ORDINALS[position]} stage" if position < len(ORDINALS) else f"stage {position + 1}"
+
+
+def contributing_stages(result: InferenceResult, card: ModelCard) -> list[tuple[int, Algorithm]]:
+    """(position, provenance) of each later stage of the composition that produced one of the findings."""
+    own = algorithm_of(card)
+    used = {f.algorithm for f in result.findings if f.algorithm is not None and f.algorithm != own}
+    return [(i, a) for i, a in enumerate(result.algorithms) if i and a in used]
+
+
+def algorithm_identification(card: ModelCard, stages: Sequence[tuple[int, Algorithm]] = ()
                              ) -> hd.AlgorithmIdentificationSequence:
     """Algorithm Identification Sequence (PS3.3 C.8.20.2 / 10.16) of the model, with its weights hash, and the
-    second stage whose findings share the model's segments, when one ran."""
+    later `stages` of its composition (`contributing_stages`) whose findings share the model's segments."""
     parameters = {"weights_sha256": card.weights_sha256}
-    if second_stage is not None:
-        parameters |= {"second_stage": f"{second_stage.name} {second_stage.version}",
-                       "second_stage_weights_sha256": second_stage.weights_sha256}
+    for position, a in stages:
+        key = stage_name(position).replace(" ", "_")
+        parameters |= {key: f"{a.name} {a.version}", f"{key}_weights_sha256": a.weights_sha256}
     return hd.AlgorithmIdentificationSequence(
         name=card.name,
         family=codes.DCM.ArtificialIntelligence,

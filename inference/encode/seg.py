@@ -24,6 +24,7 @@ from inference.encode.common import (
     algorithm_identification,
     centre_pixel,
     coded,
+    contributing_stages,
     display_diameter_mm,
     label_spec_for,
     nearest_source,
@@ -147,8 +148,8 @@ def encode_seg(
     dropped = int(np.count_nonzero(label_map) - np.count_nonzero(relabelled))
     if dropped:
         log.warning("seg: %d labelled voxels belong to no finding and are not encoded", dropped)
-    added = result.second_stage if any(f.algorithm for f in result.findings) else None
-    descriptions = [_describe(f, number, card, added) for number, f in enumerate(owners, start=1)]
+    stages = contributing_stages(result, card)
+    descriptions = [_describe(f, number, card, stages) for number, f in enumerate(owners, start=1)]
     try:
         seg = hd.seg.Segmentation(
             source_images=images,
@@ -165,7 +166,7 @@ def encode_seg(
     return seg
 
 
-def _describe(finding: Finding, number: int, card: ModelCard, second_stage: Algorithm | None
+def _describe(finding: Finding, number: int, card: ModelCard, stages: Sequence[tuple[int, Algorithm]]
               ) -> hd.seg.SegmentDescription:
     spec = label_spec_for(card, finding)
     site = finding.site_code or spec.site
@@ -175,7 +176,7 @@ def _describe(finding: Finding, number: int, card: ModelCard, second_stage: Algo
         segmented_property_category=coded(spec.category),
         segmented_property_type=coded(finding.finding_code),
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=algorithm_identification(card, second_stage),
+        algorithm_identification=algorithm_identification(card, stages),
         tracking_uid=finding.tracking_uid,
         tracking_id=f"{finding.label} {finding.label_index}" if finding.tracking_uid else None,
         anatomic_regions=[coded(site)] if site is not None else None,

@@ -5,7 +5,8 @@ Content tree (PS3.16 TID 1500):
 - procedure reported: CT chest for the nodule model, else CT/MR of an unspecified body region (CID 100);
 - image library (TID 1600) with every source image;
 - one Volumetric ROI group (TID 1411) per finding: tracking identifier (UID = `Finding.tracking_uid`),
-  finding type, category and site, algorithm identification (name, version, "weights sha256=<hex>"),
+  finding type, category and site, algorithm identification (TID 4019: name, version, "weights sha256=<hex>" of
+  the model whose stage produced the finding, `Finding.algorithm`),
   the ROI as the finding's SEG segment when a SEG is given (the SEG segment also carries the same
   Tracking UID), else a "Volume surface" SCOORD3D POINT at the centre in the source frame of reference
   (TID 1411 allows one of the two; highdicom enforces it), and measurements (TID 300): Diameter
@@ -41,9 +42,10 @@ from inference.encode.common import (
     ordered_sources,
     private_coding_schemes,
     series_description,
+    stage_name,
 )
 from inference.errors import EncodeError
-from inference.findings import Algorithm, Finding, InferenceResult
+from inference.findings import Algorithm, Finding, InferenceResult, algorithm_of
 from inference.model_card import ModelCard
 
 CT_CHEST = hd.sr.CodedConcept("24627-2", "LN", "CT Chest")
@@ -59,23 +61,19 @@ def procedure_code(card: ModelCard, modality: str) -> hd.sr.CodedConcept:
     return CT_CHEST if card.postprocess == "nodules" else CT_UNSPECIFIED
 
 
-def algorithm_id(card: ModelCard, second_stage: Algorithm | None = None) -> hd.sr.AlgorithmIdentification:
-    """TID 4019 Algorithm Identification with the weights hash as a parameter; a second stage that ran after
-    the model is named in a further parameter (what both together did not find is reported absent)."""
-    parameters = [f"weights sha256={card.weights_sha256}"]
-    if second_stage is not None:
-        parameters.append(f"second stage {second_stage.name} {second_stage.version} "
-                          f"weights sha256={second_stage.weights_sha256}")
-    return hd.sr.AlgorithmIdentification(name=card.name, version=card.version, parameters=parameters)
+def algorithm_id(model: Algorithm, later: Sequence[Algorithm] = ()) -> hd.sr.AlgorithmIdentification:
+    """TID 4019 Algorithm Identification with the weights hash as a parameter; the `later` stages of the model's
+    composition that ran after it are named in further parameters (what all together did not find is reported
+    absent)."""
+    parameters = [f"weights sha256={model.weights_sha256}"]
+    for position, a in enumerate(later, start=1):
+        parameters.append(f"{stage_name(position)} {a.name} {a.version} weights sha256={a.weights_sha256}")
+    return hd.sr.AlgorithmIdentification(name=model.name, version=model.version, parameters=parameters)
 
 
-def finding_algorithm_id(finding: Finding, model: hd.sr.AlgorithmIdentification) -> hd.sr.AlgorithmIdentification:
-    """The algorithm that made `finding`: `model`, or the second stage that added it (`Finding.algorithm`)."""
-    a = finding.algorithm
-    if a is None:
-        return model
-    return hd.sr.AlgorithmIdentification(name=a.name, version=a.version,
-                                         parameters=[f"weights sha256={a.weights_sha256}"])
+def finding_algorithm_id(finding: Finding, card: ModelCard) -> hd.sr.AlgorithmIdentification:
+    """The algorithm that made `finding` (`Finding.algorithm`, the stage's model), else the card's model."""
+    return algorithm_id(finding.algorithm or algorithm_of(card))
 
 
 def tracking_identifier(finding: Finding) -> hd.sr.TrackingIdentifier:
@@ -100,7 +98,6 @@ def encode_sr(
     (StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID) of earlier dxgate SRs this one replaces.
     """
     images = ordered_sources(result, sources)
-    algo = algorithm_id(card)
     groups: list[
         hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations
     ]
@@ -108,11 +105,11 @@ def encode_sr(
         if result.findings:
             numbers = segment_of(seg) if seg is not None else {}
             groups = [
-                _finding_group(f, card, images, finding_algorithm_id(f, algo), seg, numbers.get(f.tracking_uid))
+                _finding_group(f, card, images, finding_algorithm_id(f, card), seg, numbers.get(f.tracking_uid))
                 for f in result.findings
             ]
         else:
-            groups = [_no_finding_group(card, algorithm_id(card, result.second_stage))]
+            groups = [_no_finding_group(card, algorithm_id(algorithm_of(card), result.algorithms[1:]))]
         report = hd.sr.MeasurementReport(
             observation_context=_observation_context(card),
             procedure_reported=procedure_code(card, str(images[0].Modality)),

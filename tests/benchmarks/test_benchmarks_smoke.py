@@ -27,7 +27,7 @@ def _run(name: str, out: Path, *extra: str) -> dict:
 
 
 def _need_dcmtk() -> None:
-    from benchmarks.common import dcmtk
+    from harness.system import system_tool as dcmtk
 
     try:
         dcmtk("storescu"), dcmtk("storescp"), dcmtk("echoscu")

@@ -13,7 +13,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from dicom_gateway.api.app import create_app
 from dicom_gateway.settings import Settings
 from dicom_gateway.states import StudyState
-from dicom_gateway.store.jobstore import InstanceRecord, JobStore
+from dicom_gateway.store import InstanceRecord, Store
 
 STUDY = "1.2.826.0.1.3680043.10.1"
 SERIES = f"{STUDY}.2"
@@ -23,7 +23,7 @@ SOPS = [f"{SERIES}.{i}" for i in range(1, 4)]
 @dataclass
 class Env:
     client: TestClient
-    store: JobStore
+    store: Store
     checks: dict[str, bool]
     failed_job: int
     queued_job: int
@@ -31,27 +31,29 @@ class Env:
 
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[Env]:
-    store = JobStore(tmp_path / "jobs.sqlite3", durable=False)
-    assoc = store.open_association("PACS", "127.0.0.1")
+    store = Store(tmp_path / "jobs.sqlite3", durable=False)
+    assoc = store.associations.open("PACS", "127.0.0.1")
     for i, sop in enumerate(SOPS):
-        store.record_instance(InstanceRecord(
+        store.instances.record(InstanceRecord(
             sop_instance_uid=sop, sop_class_uid=CTImageStorage, study_uid=STUDY, series_uid=SERIES,
             transfer_syntax=ExplicitVRLittleEndian, path=str(tmp_path / f"{i}.dcm"), size=100, calling_ae="PACS",
             association_id=assoc, modality="CT", body_part="CHEST", series_description="Lung 1mm",
             series_number=2, slice_thickness=1.0, orientation="axial", instance_number=i + 1, rows=512,
             columns=512))
-    store.close_association(assoc)
-    store.set_study_state(STUDY, StudyState.ROUTED, reason="rule spine: body part CHEST not in [SPINE]")
-    failed, _ = store.create_job(study_uid=STUDY, model="lung_nodule_ct", model_version="1.0.0", series_uid=SERIES,
-                                 input_uids=SOPS, destinations=["pacs", "archive"], rule="chest-ct-nodules")
-    claimed = store.claim_job("worker-1", lease_s=60)
+    store.associations.close(assoc)
+    assert store.studies.set_state(STUDY, StudyState.READY)
+    store.studies.set_state(STUDY, StudyState.ROUTED, reason="rule spine: body part CHEST not in [SPINE]")
+    failed, _ = store.jobs.create(study_uid=STUDY, model="lung_nodule_ct", model_version="1.0.0", series_uid=SERIES,
+                                  input_uids=SOPS, destinations=["pacs", "archive"], rule="chest-ct-nodules")
+    claimed = store.jobs.claim("worker-1", lease_s=60)
     assert claimed is not None and claimed["id"] == failed
-    store.record_stages(failed, {"load": 0.5, "infer": 1.25})
-    store.finish_encoding(failed, [{"kind": "SR", "sop_instance_uid": "2.25.1"}], "ab" * 32, 2, ["pacs", "archive"])
-    store.record_delivery(failed, "pacs", ok=True)
-    store.record_delivery(failed, "archive", ok=False, error="association rejected")
-    queued, _ = store.create_job(study_uid=STUDY, model="spine_vertebrae_ct", model_version="0.3.0",
-                                 series_uid=SERIES, input_uids=SOPS[:2], destinations=["pacs"], rule="spine")
+    store.jobs.record_stages(failed, {"load": 0.5, "infer": 1.25})
+    store.jobs.finish_encoding(failed, [{"kind": "SR", "sop_instance_uid": "2.25.1"}], "ab" * 32, 2,
+                               ["pacs", "archive"])
+    store.deliveries.record(failed, "pacs", ok=True)
+    store.deliveries.record(failed, "archive", ok=False, error="association rejected")
+    queued, _ = store.jobs.create(study_uid=STUDY, model="spine_vertebrae_ct", model_version="0.3.0",
+                                  series_uid=SERIES, input_uids=SOPS[:2], destinations=["pacs"], rule="spine")
     checks = {"scp": True, "models": True, "store": True}
     app = create_app(Settings(data_dir=tmp_path), store, lambda: dict(checks))
     with TestClient(app) as client:
@@ -73,7 +75,7 @@ def test_readiness_probe_that_raises_is_not_ready(tmp_path: Path) -> None:
     def broken() -> dict[str, bool]:
         raise RuntimeError("probe failed")
 
-    store = JobStore(tmp_path / "j.sqlite3", durable=False)
+    store = Store(tmp_path / "j.sqlite3", durable=False)
     client = TestClient(create_app(Settings(data_dir=tmp_path), store, broken))
     r = client.get("/readyz")
     assert r.status_code == 503 and r.json()["ready"] is False

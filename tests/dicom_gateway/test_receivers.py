@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.dicom_gateway.dicom_factory import write_ct_series
-from tests.integration.dcmtk import dcmtk_tool, run_storescu
-from tests.integration.gateway import REPO, RunningGateway, start_gateway, write_config
+from harness.ct import write_ct_series
+from harness.dcmtk import run_storescu
+from harness.gateway import REPO, RunningGateway, start_gateway, write_config
+from harness.system import system_tool
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT receivers: Linux")]
@@ -76,7 +77,7 @@ def sop_uids(files: list[Path]) -> set[str]:
 
 
 def test_two_receivers_share_the_port_and_restart(tmp_path: Path, models_dir: Path) -> None:
-    dcmtk_tool("storescu")
+    system_tool("storescu")
     studies = [write_ct_series(tmp_path / f"study{i}", n=5, rows=64, columns=64) for i in range(4)]
     gw = start_gateway(write_config(tmp_path, models_dir, receivers=2, quiet_seconds=60.0))
     try:
@@ -135,14 +136,14 @@ def test_a_port_taken_by_another_program_refuses_start(tmp_path: Path) -> None:
     from dicom_gateway.errors import GatewayError
     from dicom_gateway.receive.receivers import ReceiverPool
     from dicom_gateway.settings import Settings
-    from dicom_gateway.store.jobstore import JobStore
+    from dicom_gateway.store import Store
 
     with socket.socket() as other:  # a listener without SO_REUSEPORT owns the port
         other.bind(("127.0.0.1", 0))
         other.listen()
         settings = Settings(dicom_port=other.getsockname()[1], data_dir=tmp_path / "var", receivers=2,
                             log_format="text")
-        pool = ReceiverPool(settings, JobStore(settings.db_path))
+        pool = ReceiverPool(settings, Store(settings.db_path))
         with pytest.raises(GatewayError, match="did not start"):
             pool.start(timeout=30)
         assert not pool.alive()
@@ -200,7 +201,7 @@ def test_a_receiver_whose_stop_hangs_still_ends(tmp_path: Path) -> None:
     """Past SHUTDOWN_GRACE_S a stopping receiver dumps its threads' stacks to the log and exits."""
     import subprocess
 
-    from tests.integration.dcmtk import free_port
+    from harness.system import free_port
 
     script = tmp_path / "hang.py"
     script.write_text(HANGING_STOP)

@@ -5,14 +5,11 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import pydicom
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
 from dicom_gateway.route.routing import route_study
 from dicom_gateway.route.series import SeriesSummary
 from dicom_gateway.settings import Range, Rule, RuleMatch, Settings
 from dxgate.rules import rules_test_command
+from harness.ct import write_ct_series
 from inference.model_card import ModelCard
 from inference.model_repo import RegisteredModel
 
@@ -113,21 +110,6 @@ def test_no_destinations_at_all() -> None:
     assert reasons == ["rule r: no destinations configured; results kept in the outbox"]
 
 
-def _write_series(folder: Path, n: int, iop: list[float], modality: str = "CT") -> None:
-    study, uid = generate_uid(), generate_uid()
-    for i in range(n):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = pydicom.Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = study, uid, 1, i + 1
-        ds.Modality, ds.BodyPartExamined, ds.SliceThickness, ds.ImageOrientationPatient = modality, "CHEST", 1, iop
-        ds.save_as(folder / f"{i}.dcm", enforce_file_format=True)
-
-
 def _settings(tmp_path: Path) -> Settings:
     return Settings(data_dir=tmp_path / "var", models_dir=tmp_path / "models", rules=[CHEST_RULE],
                     destinations=[{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": 4242}])
@@ -136,7 +118,7 @@ def _settings(tmp_path: Path) -> Settings:
 def test_rules_test_command_routes(tmp_path: Path) -> None:
     folder = tmp_path / "in"
     folder.mkdir()
-    _write_series(folder, 16, [1, 0, 0, 0, 1, 0])
+    write_ct_series(folder, 16)
     out = io.StringIO()
     assert rules_test_command(folder, _settings(tmp_path), models=MODELS, out=out) == 0
     text = out.getvalue()
@@ -146,7 +128,7 @@ def test_rules_test_command_routes(tmp_path: Path) -> None:
 def test_rules_test_command_explains_nothing_routes(tmp_path: Path) -> None:
     folder = tmp_path / "in"
     folder.mkdir()
-    _write_series(folder, 2, [1, 0, 0, 0, 1, 0], modality="MR")
+    write_ct_series(folder, 2, modality="MR")
     out = io.StringIO()
     # models_dir does not exist: discover_models finds none
     assert rules_test_command(folder, _settings(tmp_path), out=out) == 1

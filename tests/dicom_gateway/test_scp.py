@@ -17,9 +17,10 @@ from dicom_gateway.receive import spool as spool_module
 from dicom_gateway.receive.scp import StorageSCP
 from dicom_gateway.receive.spool import Spool
 from dicom_gateway.settings import Settings
-from dicom_gateway.store.jobstore import JobStore
-from tests.dicom_gateway.dicom_factory import dataset_bytes, make_ct, write_ct, write_ct_series
-from tests.integration.dcmtk import free_port, run_echoscu, run_storescu, wait_for_port
+from dicom_gateway.store import Store
+from harness.ct import dataset_bytes, make_ct, write_ct, write_ct_series
+from harness.dcmtk import run_echoscu, run_storescu, wait_for_echo
+from harness.system import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.integration
 @dataclass
 class Gateway:
     settings: Settings
-    store: JobStore
+    store: Store
     spool: Spool
     scp: StorageSCP
 
@@ -36,15 +37,15 @@ class Gateway:
         return self.scp.port
 
     def instances(self) -> list[dict]:
-        return [dict(r) for r in self.store.query("SELECT * FROM instances ORDER BY instance_number")]
+        return [dict(r) for r in self.store.db.query("SELECT * FROM instances ORDER BY instance_number")]
 
     def associations(self) -> list[dict]:
-        return [dict(r) for r in self.store.query("SELECT * FROM associations ORDER BY id")]
+        return [dict(r) for r in self.store.db.query("SELECT * FROM associations ORDER BY id")]
 
 
 def _start(tmp_path: Path, *, min_free_bytes: int = 0, **overrides: object) -> Gateway:
     settings = Settings(data_dir=tmp_path / "var", dicom_port=free_port(), network_timeout_s=5, **overrides)
-    store = JobStore(settings.db_path, durable=settings.fsync)
+    store = Store(settings.db_path, durable=settings.fsync)
     spool = Spool(settings.spool_dir, fsync=settings.fsync, min_free_bytes=min_free_bytes)
     scp = StorageSCP(settings, store, spool)
     scp.start()
@@ -140,7 +141,7 @@ def test_unknown_calling_ae_is_rejected(tmp_path: Path) -> None:
         assert res.returncode != 0
         assert "Calling AE Title Not Recognized" in res.stderr + res.stdout
         assert gw.instances() == [] and gw.associations() == []
-        wait_for_port(gw.port, "DXGATE", calling_ae="PACS")
+        wait_for_echo(gw.port, "DXGATE", calling_ae="PACS")
         assert run_storescu([f], gw.port, "DXGATE", calling_ae="PACS").returncode == 0
         assert len(gw.instances()) == 1
     finally:

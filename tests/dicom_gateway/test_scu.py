@@ -15,9 +15,10 @@ from dicom_gateway.receive.spool import Spool
 from dicom_gateway.send.scu import MAX_CONTEXTS, AssociationFailedError, _contexts_for, _File, send_folder
 from dicom_gateway.send.scu import store_datasets_or_files as store_files
 from dicom_gateway.settings import Destination, Settings
-from dicom_gateway.store.jobstore import JobStore
-from tests.dicom_gateway.dicom_factory import write_ct, write_ct_series
-from tests.integration.dcmtk import free_port, storescp
+from dicom_gateway.store import Store
+from harness.ct import write_ct, write_ct_series
+from harness.dcmtk import storescp
+from harness.system import free_port
 
 
 @pytest.mark.integration
@@ -62,7 +63,7 @@ def test_unreadable_file_is_a_delivery_error(tmp_path: Path) -> None:
 def test_per_file_status_from_a_refusing_peer(tmp_path: Path) -> None:
     """A peer answering 0xA700 (our own SCP with a full disk): statuses come back, nothing is raised."""
     settings = Settings(data_dir=tmp_path / "var", dicom_port=free_port(), network_timeout_s=5)
-    store = JobStore(settings.db_path)
+    store = Store(settings.db_path)
     scp = StorageSCP(settings, store, Spool(settings.spool_dir, min_free_bytes=1 << 62))
     scp.start()
     try:

@@ -14,9 +14,10 @@ import pytest
 from dicom_gateway.send.sender import Sender, outputs_for
 from dicom_gateway.settings import Destination, SenderSettings, Settings
 from dicom_gateway.states import DeliveryState, JobState
-from dicom_gateway.store.jobstore import JobStore
-from tests.dicom_gateway.dicom_factory import write_ct
-from tests.integration.dcmtk import free_port, start_storescp, storescp
+from dicom_gateway.store import Store
+from harness.ct import write_ct
+from harness.dcmtk import start_storescp, storescp
+from harness.system import free_port
 
 
 class FakeClock:
@@ -37,12 +38,12 @@ def _outputs(folder: Path, kinds: tuple[str, ...] = ("sr", "seg", "gsps")) -> li
     return out
 
 
-def _encoded_job(store: JobStore, outputs: list[dict[str, Any]], destinations: list[str], n: int = 0) -> int:
-    job_id, _ = store.create_job(study_uid=f"1.2.3.{n}", model="m", model_version="1", series_uid="1.2.3.4",
-                                 input_uids=[f"1.2.3.4.{n}"], destinations=destinations, rule="r")
-    claimed = store.claim_job("w", 60)
+def _encoded_job(store: Store, outputs: list[dict[str, Any]], destinations: list[str], n: int = 0) -> int:
+    job_id, _ = store.jobs.create(study_uid=f"1.2.3.{n}", model="m", model_version="1", series_uid="1.2.3.4",
+                                  input_uids=[f"1.2.3.4.{n}"], destinations=destinations, rule="r")
+    claimed = store.jobs.claim("w", 60)
     assert claimed is not None and claimed["id"] == job_id
-    store.finish_encoding(job_id, outputs, "sha", 1, destinations)
+    store.jobs.finish_encoding(job_id, outputs, "sha", 1, destinations)
     return job_id
 
 
@@ -55,8 +56,8 @@ def _dest(name: str, port: int, **kw: Any) -> Destination:
     return Destination(name=name, ae_title="STORESCP", host="127.0.0.1", port=port, **kw)
 
 
-def _delivery(store: JobStore, job_id: int, name: str) -> Any:
-    return next(r for r in store.deliveries(job_id) if r["destination"] == name)
+def _delivery(store: Store, job_id: int, name: str) -> Any:
+    return next(r for r in store.deliveries.of_job(job_id) if r["destination"] == name)
 
 
 def test_outputs_filtered_by_destination() -> None:
@@ -70,7 +71,7 @@ def test_outputs_filtered_by_destination() -> None:
 def test_destination_down_then_up_delivers_exactly_once(tmp_path: Path) -> None:
     port = free_port()
     settings = _settings(tmp_path, [_dest("pacs", port, overlay="sc", send_seg=False)])
-    store = JobStore(settings.db_path)
+    store = Store(settings.db_path)
     job_id = _encoded_job(store, _outputs(tmp_path / "out", ("sr", "seg", "gsps", "sc")), ["pacs"])
     clock = FakeClock()
     sender = Sender(settings, store, clock=clock)
@@ -79,7 +80,7 @@ def test_destination_down_then_up_delivers_exactly_once(tmp_path: Path) -> None:
     d = _delivery(store, job_id, "pacs")
     assert (d["state"], d["attempts"]) == (DeliveryState.PENDING, 1) and "association" in d["last_error"]
     assert d["next_attempt_at"] == pytest.approx(clock.now + 1.0)
-    assert store.get_job(job_id)["state"] == JobState.SENDING
+    assert store.jobs.get(job_id)["state"] == JobState.SENDING
     assert sender.run_once() == 0  # not due yet
 
     with storescp(tmp_path / "pacs", port=port) as peer:
@@ -87,7 +88,7 @@ def test_destination_down_then_up_delivers_exactly_once(tmp_path: Path) -> None:
         assert sender.run_once() == 1
         assert sender.run_once() == 0
         received = peer.files()
-    assert store.get_job(job_id)["state"] == JobState.DONE
+    assert store.jobs.get(job_id)["state"] == JobState.DONE
     assert _delivery(store, job_id, "pacs")["state"] == DeliveryState.SENT
     kinds = sorted(str(pydicom.dcmread(p, stop_before_pixels=True).SeriesDescription) for p in received)
     assert kinds == ["sc", "sr"]  # exactly once each; SEG and GSPS filtered out for this destination
@@ -103,7 +104,7 @@ def test_dead_destination_does_not_block_a_live_one(tmp_path: Path) -> None:
         try:
             settings = _settings(tmp_path, [_dest("dead", blackhole.getsockname()[1]), _dest("live", peer.port)],
                                  timeout_s=3.0)
-            store = JobStore(settings.db_path)
+            store = Store(settings.db_path)
             jobs = [_encoded_job(store, _outputs(tmp_path / f"out{n}", ("sr",)), ["dead", "live"], n)
                     for n in range(2)]
             sender = Sender(settings, store)
@@ -123,13 +124,13 @@ def test_dead_destination_does_not_block_a_live_one(tmp_path: Path) -> None:
     for j in jobs:
         dead = _delivery(store, j, "dead")
         assert (dead["state"], dead["attempts"]) == (DeliveryState.PENDING, 1)
-        assert store.get_job(j)["state"] == JobState.SENDING
+        assert store.jobs.get(j)["state"] == JobState.SENDING
 
 
 def test_max_attempts_makes_a_dead_letter(tmp_path: Path) -> None:
     settings = _settings(tmp_path, [_dest("pacs", free_port())], max_attempts=3, backoff_initial_s=2,
                          backoff_max_s=3)
-    store = JobStore(settings.db_path)
+    store = Store(settings.db_path)
     job_id = _encoded_job(store, _outputs(tmp_path / "out", ("sr",)), ["pacs"])
     clock = FakeClock()
     sender = Sender(settings, store, clock=clock)
@@ -142,7 +143,7 @@ def test_max_attempts_makes_a_dead_letter(tmp_path: Path) -> None:
     assert waits[:2] == [2.0, 3.0]  # 2 * 2**0, min(2 * 2**1, 3)
     d = _delivery(store, job_id, "pacs")
     assert (d["state"], d["attempts"]) == (DeliveryState.DEAD, 3)
-    job = store.get_job(job_id)
+    job = store.jobs.get(job_id)
     assert (job["state"], job["failed_stage"]) == (JobState.FAILED, "send")
     assert "pacs" in job["reason"]
     assert sender.run_once() == 0
@@ -150,25 +151,25 @@ def test_max_attempts_makes_a_dead_letter(tmp_path: Path) -> None:
 
 def test_unconfigured_destination_is_a_dead_letter(tmp_path: Path) -> None:
     settings = _settings(tmp_path, [])
-    store = JobStore(settings.db_path)
+    store = Store(settings.db_path)
     job_id = _encoded_job(store, _outputs(tmp_path / "out", ("sr",)), ["gone"])
     assert Sender(settings, store).run_once() == 1
     assert _delivery(store, job_id, "gone")["state"] == DeliveryState.DEAD
-    assert store.get_job(job_id)["state"] == JobState.FAILED
+    assert store.jobs.get(job_id)["state"] == JobState.FAILED
 
 
 @pytest.mark.integration
 def test_run_forever_delivers_and_stops(tmp_path: Path) -> None:
     with storescp(tmp_path / "pacs") as peer:
         settings = _settings(tmp_path, [_dest("pacs", peer.port)])
-        store = JobStore(settings.db_path)
+        store = Store(settings.db_path)
         job_id = _encoded_job(store, _outputs(tmp_path / "out", ("sr", "seg")), ["pacs"])
         stop = threading.Event()
         t = threading.Thread(target=Sender(settings, store).run_forever, args=(stop, 0.05))
         t.start()
         try:
             deadline = time.monotonic() + 10
-            while store.get_job(job_id)["state"] != JobState.DONE:
+            while store.jobs.get(job_id)["state"] != JobState.DONE:
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
         finally:

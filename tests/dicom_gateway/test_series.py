@@ -12,7 +12,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from dicom_gateway.route.rules import select_series
 from dicom_gateway.route.series import SeriesSummary, classify_orientation, summarise_folder, summarise_series
-from dicom_gateway.store.jobstore import InstanceRecord, JobStore
+from dicom_gateway.store import InstanceRecord, Store
 from inference.model_card import ModelCard
 
 AXIAL = (1, 0, 0, 0, 1, 0)
@@ -69,14 +69,14 @@ def test_summarise_rows_majority_and_order() -> None:
 
 
 def test_summarise_jobstore_rows(tmp_path: Path) -> None:
-    store = JobStore(tmp_path / "jobs.sqlite3", durable=False)
+    store = Store(tmp_path / "jobs.sqlite3", durable=False)
     for i in range(4):
-        store.record_instance(InstanceRecord(
+        store.instances.record(InstanceRecord(
             sop_instance_uid=f"1.5.{i}", sop_class_uid=CTImageStorage, study_uid="1.5", series_uid="1.5.100",
             transfer_syntax=ExplicitVRLittleEndian, path=f"/spool/{i}.dcm", size=10, calling_ae="PACS",
             association_id=None, modality="CT", body_part="CHEST", series_number=7, slice_thickness=2.5,
             orientation="axial", instance_number=i + 1))
-    (s,) = summarise_series(store.study_instances("1.5"))
+    (s,) = summarise_series(store.instances.of_study("1.5"))
     assert (s.series_uid, s.n_instances, s.series_number, s.slice_thickness, s.study_uid) == (
         "1.5.100", 4, 7, 2.5, "1.5")
     assert s.paths == tuple(f"/spool/{i}.dcm" for i in range(4))

@@ -12,17 +12,17 @@ import pytest
 
 from dicom_gateway.server import load_models
 from dicom_gateway.settings import Destination, Settings
-from dicom_gateway.store.jobstore import InstanceRecord, JobStore
+from dicom_gateway.store import InstanceRecord, Store
 from dicom_gateway.work.worker import Worker
-from tests.inference.encode_fixtures import build_ct_series
+from harness.ct import build_ct_series
 
 
-def _ingest(store: JobStore, spool: Path, datasets: list[pydicom.Dataset]) -> list[str]:
+def _ingest(store: Store, spool: Path, datasets: list[pydicom.Dataset]) -> list[str]:
     uids = []
     for ds in datasets:
         path = spool / f"{ds.SOPInstanceUID}.dcm"
         ds.save_as(path, enforce_file_format=True)
-        store.record_instance(InstanceRecord(
+        store.instances.record(InstanceRecord(
             sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID, study_uid=ds.StudyInstanceUID,
             series_uid=ds.SeriesInstanceUID, transfer_syntax=ds.file_meta.TransferSyntaxUID, path=str(path),
             size=path.stat().st_size, calling_ae="PACS", association_id=None, modality=ds.Modality))
@@ -36,15 +36,15 @@ def setup(tmp_path: Path, smoke_models_dir: Path):  # noqa: ANN201
                         destinations=[Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=1,
                                                   overlay="sc")])
     (tmp_path / "spool").mkdir()
-    store = JobStore(settings.db_path)
+    store = Store(settings.db_path)
     models = load_models(settings)
     return settings, store, models, tmp_path / "spool"
 
 
-def _job(store: JobStore, datasets: list[pydicom.Dataset], uids: list[str], model: str = "lung_nodule_ct") -> int:
-    job_id, _ = store.create_job(study_uid=datasets[0].StudyInstanceUID, model=model, model_version="1",
-                                 series_uid=datasets[0].SeriesInstanceUID, input_uids=uids,
-                                 destinations=["pacs"], rule="chest")
+def _job(store: Store, datasets: list[pydicom.Dataset], uids: list[str], model: str = "lung_nodule_ct") -> int:
+    job_id, _ = store.jobs.create(study_uid=datasets[0].StudyInstanceUID, model=model, model_version="1",
+                                  series_uid=datasets[0].SeriesInstanceUID, input_uids=uids,
+                                  destinations=["pacs"], rule="chest")
     return job_id
 
 
@@ -59,7 +59,7 @@ def test_job_is_encoded_validated_and_written_to_outbox(setup) -> None:  # noqa:
         ds.PixelData = hu.tobytes()
     job_id = _job(store, datasets, _ingest(store, spool, datasets))
     assert Worker(settings, store, models).run_once()
-    job = store.get_job(job_id)
+    job = store.jobs.get(job_id)
     assert job["state"] == "ENCODED", (job["failed_stage"], job["reason"])
     stages = json.loads(job["stage_seconds"])
     assert {"load", "preprocess", "infer", "postprocess", "encode", "validate"} <= set(stages)
@@ -70,7 +70,7 @@ def test_job_is_encoded_validated_and_written_to_outbox(setup) -> None:  # noqa:
     sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(outputs[0]["path"]))
     assert sr.StudyInstanceUID == datasets[0].StudyInstanceUID
     assert job["weights_sha256"].encode() in Path(outputs[0]["path"]).read_bytes()  # algorithm identification
-    assert [d["destination"] for d in store.deliveries(job_id)] == ["pacs"]
+    assert [d["destination"] for d in store.deliveries.of_job(job_id)] == ["pacs"]
 
 
 def test_missing_spool_file_fails_at_load_stage(setup) -> None:  # noqa: ANN001
@@ -80,7 +80,7 @@ def test_missing_spool_file_fails_at_load_stage(setup) -> None:  # noqa: ANN001
     (spool / f"{uids[3]}.dcm").unlink()
     job_id = _job(store, datasets, uids)
     Worker(settings, store, models).run_once()
-    job = store.get_job(job_id)
+    job = store.jobs.get(job_id)
     assert job["state"] == "FAILED" and job["failed_stage"] == "load"
     assert "missing from the spool" in job["reason"]
 
@@ -92,7 +92,7 @@ def test_wrong_modality_fails_with_a_clear_reason(setup) -> None:  # noqa: ANN00
         ds.Modality = "MR"
     job_id = _job(store, datasets, _ingest(store, spool, datasets))
     Worker(settings, store, models).run_once()
-    job = store.get_job(job_id)
+    job = store.jobs.get(job_id)
     assert job["state"] == "FAILED" and job["failed_stage"] == "load"
     assert "MR" in job["reason"]
 
@@ -102,5 +102,5 @@ def test_unknown_model_fails_at_load_model(setup) -> None:  # noqa: ANN001
     datasets = build_ct_series(20)
     job_id = _job(store, datasets, _ingest(store, spool, datasets), model="not_installed")
     Worker(settings, store, models).run_once()
-    job = store.get_job(job_id)
+    job = store.jobs.get(job_id)
     assert job["state"] == "FAILED" and job["failed_stage"] == "load_model"

@@ -1,99 +1,27 @@
 """Fixtures for the inference pipeline tests: tiny DICOM CT series and a real, briefly trained 3D conv net.
 
-Everything is synthetic (no patient data). The net is trained for a few Adam steps on cubes with a
-bright sphere, exported to ONNX (opset 17, dynamic axes) and written as a full model folder (Triton
-layout + model card) that `inference.model_repo.load_model` accepts.
+Everything is synthetic (no patient data); the series come from `harness.ct.write_series`. The net is
+trained for a few Adam steps on cubes with a bright sphere, exported to ONNX (opset 17, dynamic axes)
+and written as a full model folder (Triton layout + model card) that `inference.model_repo.load_model`
+accepts.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, RLELossless, generate_uid
 
+from harness.ct import BACKGROUND_HU, SPHERE_HU, write_series
 from inference.model_repo import RegisteredModel, load_model, sha256_file
 
 WINDOW = (-1000.0, 400.0)
-BACKGROUND_HU = -800
-SPHERE_HU = 100
 MODEL_NAME = "tiny_nodule"
 
 SeriesWriter = Callable[..., list[Path]]
-
-
-def _geometry(iop: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    row = np.asarray(iop[:3], dtype=float)
-    col = np.asarray(iop[3:], dtype=float)
-    return row, col, np.cross(row, col)
-
-
-def write_series(
-    folder: Path,
-    *,
-    shape: tuple[int, int, int] = (20, 40, 40),
-    spacing: tuple[float, float, float] = (2.0, 1.5, 1.5),
-    origin: tuple[float, float, float] = (-30.0, -30.0, 100.0),
-    iop: Sequence[float] = (1, 0, 0, 0, 1, 0),
-    sphere_mm: tuple[float, float, float] | None = (-6.0, 3.0, 118.0),
-    radius_mm: float = 6.0,
-    modality: str = "CT",
-    skip: Sequence[int] = (),
-    compress: bool = False,
-    seed: int = 0,
-) -> list[Path]:
-    """Write a single-frame series (files in shuffled order) and return the paths.
-
-    Slice k sits at origin + k * spacing[0] * normal; voxels within `radius_mm` of `sphere_mm` (patient
-    x, y, z) are SPHERE_HU, the rest BACKGROUND_HU plus a little noise. SliceThickness is deliberately
-    not the slice spacing.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    row, col, normal = _geometry(iop)
-    nz, ny, nx = shape
-    sz, sy, sx = spacing
-    jj, ii = np.meshgrid(np.arange(ny), np.arange(nx), indexing="ij")  # row index, column index
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
-    sop_class = CTImageStorage if modality == "CT" else MRImageStorage
-    paths: list[Path] = []
-    for k in rng.permutation(nz):
-        if k in skip:
-            continue
-        ipp = np.asarray(origin) + k * sz * normal
-        pts = ipp[None, None, :] + (ii[..., None] * sx) * row + (jj[..., None] * sy) * col
-        hu = np.full((ny, nx), BACKGROUND_HU, dtype=np.float64) + rng.normal(0, 10, (ny, nx))
-        if sphere_mm is not None:
-            hu[np.linalg.norm(pts - np.asarray(sphere_mm), axis=-1) <= radius_mm] = SPHERE_HU
-        ds = pydicom.Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = sop_class
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID = sop_class
-        ds.PatientName, ds.PatientID = "Synthetic^Sphere", "DXG-SYN-1"
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.Modality, ds.InstanceNumber = modality, int(k) + 1
-        ds.ImageOrientationPatient = [float(v) for v in iop]
-        ds.ImagePositionPatient = [round(float(v), 4) for v in ipp]
-        ds.PixelSpacing = [sy, sx]
-        ds.SliceThickness = 5.0
-        ds.Rows, ds.Columns = ny, nx
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
-        ds.PixelData = np.round(hu + 1024).astype(np.int16).tobytes()
-        if compress:
-            ds.compress(RLELossless)
-        path = folder / f"{ds.SOPInstanceUID}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
 
 
 @pytest.fixture

@@ -1,8 +1,8 @@
-"""Builders for the encoder tests: a small synthetic CT series, model cards and inference results.
+"""Builders for the encoder tests: model cards and inference results on the harness's CT grid.
 
-Everything is made in memory (no patient data): an axial CT series of `n` slices on a regular grid with
-full Patient / General Study / Frame of Reference / CT Image modules (PS3.3 A.3), plus matching
-`InferenceResult`s for nodules (sigmoid, one label) and vertebrae (softmax, one label per level).
+Everything is made in memory (no patient data): `build_ct_series` (from `harness.ct`) is an axial CT
+series of `n` slices on a regular grid; the `InferenceResult`s here match it, for nodules (sigmoid, one
+label) and vertebrae (softmax, one label per level).
 """
 
 from __future__ import annotations
@@ -11,71 +11,21 @@ import dataclasses
 
 import numpy as np
 import pydicom
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
-from inference.findings import Algorithm, Code, Finding, InferenceResult
+from harness.ct import COLS, ORIGIN, PIXEL_SPACING, ROWS, SLICE_SPACING, build_ct_series
+from inference.findings import Algorithm, Code, Finding, InferenceResult, algorithm_of
 from inference.model_card import ModelCard
 
-ROWS = COLS = 64
-N_SLICES = 8
-PIXEL_SPACING = (0.7, 0.7)  # (row spacing, column spacing) mm
-SLICE_SPACING = 2.5
-ORIGIN = (-22.4, -22.4, -100.0)  # ImagePositionPatient of slice 0 (x, y, z)
+__all__ = ["PIXEL_SPACING", "SECOND_STAGE", "SHA", "build_ct_series", "empty_result", "nodule_card", "nodule_result",
+           "shared_label_result", "two_stage_result", "vertebra_card", "vertebra_result", "voxel_to_mm"]
+
 SHA = "ab" * 32
 
 NODULE = Code("27925004", "SCT", "Nodule")
 LUNG = Code("39607008", "SCT", "Lung")
 L1 = Code("66794005", "SCT", "First lumbar vertebra")
 L2 = Code("14293000", "SCT", "Second lumbar vertebra")
-
-
-def build_ct_series(n_slices: int = N_SLICES) -> list[pydicom.Dataset]:
-    """Return `n_slices` CT datasets (shuffled order is the caller's business) of one series."""
-    study_uid, series_uid, for_uid = generate_uid(), generate_uid(), generate_uid()
-    zz, yy, xx = np.mgrid[0:n_slices, 0:ROWS, 0:COLS]
-    hu = np.full((n_slices, ROWS, COLS), -850, dtype=np.int16)  # lung parenchyma
-    hu[((yy - 32) ** 2 + (xx - 32) ** 2) > 28**2] = 40  # soft tissue rim
-    slices = []
-    for i in range(n_slices):
-        ds = pydicom.Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-        sop_uid = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop_uid
-        ds.SpecificCharacterSet = "ISO_IR 100"
-        # Patient + General Study (synthetic, not a real person)
-        ds.PatientName, ds.PatientID = "Synthetic^Phantom", "DXG-TEST-001"
-        ds.PatientBirthDate, ds.PatientSex = "19700101", "O"
-        ds.StudyInstanceUID, ds.StudyDate, ds.StudyTime = study_uid, "20240102", "101500"
-        ds.ReferringPhysicianName, ds.StudyID, ds.AccessionNumber = "", "1", "ACC0001"
-        ds.StudyDescription = "CT CHEST"
-        # General Series / Frame of Reference / Equipment
-        ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber = "CT", series_uid, 2
-        ds.SeriesDescription, ds.BodyPartExamined = "Thorax 2.5mm", "CHEST"
-        ds.PatientPosition = "HFS"
-        ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = for_uid, ""
-        ds.Manufacturer = "Synthetic"
-        # General Image / Image Plane
-        ds.InstanceNumber = i + 1
-        ds.ContentDate, ds.ContentTime = "20240102", "101500"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.PixelSpacing = list(PIXEL_SPACING)
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [ORIGIN[0], ORIGIN[1], ORIGIN[2] + i * SLICE_SPACING]
-        ds.SliceThickness, ds.SliceLocation = SLICE_SPACING, ORIGIN[2] + i * SLICE_SPACING
-        # Image Pixel / CT Image
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.Rows, ds.Columns = ROWS, COLS
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "HU"
-        ds.KVP, ds.AcquisitionNumber = 120, 1
-        ds.WindowCenter, ds.WindowWidth = -600, 1500
-        ds.PixelData = hu[i].tobytes()
-        slices.append(ds)
-    return slices
 
 
 def voxel_to_mm(z: float, y: float, x: float) -> tuple[float, float, float]:
@@ -185,12 +135,15 @@ SECOND_STAGE = Algorithm("test-candidates", "3", "cd" * 32)
 
 
 def two_stage_result(sources: list[pydicom.Dataset], card: ModelCard) -> InferenceResult:
-    """`nodule_result` with its second nodule added by a second stage (`SECOND_STAGE`)."""
+    """`nodule_result` as a two-stage composition's: its first nodule from the model, its second added by a later
+    stage (`SECOND_STAGE`), each finding carrying its provenance."""
     result = nodule_result(sources, card)
     first, second = result.findings
-    return dataclasses.replace(result, findings=[first, dataclasses.replace(second, algorithm=SECOND_STAGE)],
+    own = algorithm_of(card)
+    return dataclasses.replace(result, findings=[dataclasses.replace(first, algorithm=own),
+                                                 dataclasses.replace(second, algorithm=SECOND_STAGE)],
                                model_version=f"{card.version}+{SECOND_STAGE.name}.{SECOND_STAGE.version}",
-                               second_stage=SECOND_STAGE)
+                               algorithms=[own, SECOND_STAGE])
 
 
 def vertebra_result(sources: list[pydicom.Dataset], card: ModelCard) -> InferenceResult:

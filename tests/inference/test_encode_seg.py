@@ -112,7 +112,7 @@ def test_nodules_sharing_a_label_get_a_segment_each(sources):
     np.testing.assert_array_equal(labels[touching & (x >= 44)], number[right.tracking_uid])
 
 
-def test_segments_name_the_second_stage_whose_findings_they_hold(sources):
+def test_segments_name_the_later_stage_whose_findings_they_hold(sources):
     card = nodule_card()
     for result, named in ((two_stage_result(sources, card), True), (nodule_result(sources, card), False)):
         back = _read_back(encode_seg(result, card, sources))

@@ -127,11 +127,13 @@ def test_each_finding_names_the_stage_that_found_it(sources):
     assert f"weights sha256={SHA}" not in second["Algorithm Parameters"]
 
 
-def test_no_finding_sr_names_the_second_stage_that_ran_too(sources):
+def test_no_finding_sr_names_the_later_stages_that_ran_too(sources):
     import dataclasses
 
+    from inference.findings import algorithm_of
+
     card = nodule_card()
-    result = dataclasses.replace(empty_result(sources, card), second_stage=SECOND_STAGE)
+    result = dataclasses.replace(empty_result(sources, card), algorithms=[algorithm_of(card), SECOND_STAGE])
     (group,) = _read_back(encode_sr(result, card, sources, seg=None)).content.get_image_measurement_groups()
     params = _texts(group)["Algorithm Parameters"]
     assert params == [f"weights sha256={SHA}", f"second stage {SECOND_STAGE.name} {SECOND_STAGE.version} "

@@ -19,7 +19,7 @@ def _card(probability: float = 0.6) -> ModelCard:
         "modality": ["CT"], "body_part": ["CHEST"], "postprocess": "candidates",
         "input": {"spacing_mm": [1, 1, 1], "window": [-1000, 400], "roi_size": [28, 28, 28], "batch_size": 8},
         "output": {"channels": 1}, "labels": [label], "thresholds": {"probability": probability},
-        "series": {"modalities": ["CT"]}, "first_stage": {"model": "first", "probability": 0.7},
+        "series": {"modalities": ["CT"]},
         "weights_sha256": "0" * 64})
 
 
@@ -70,12 +70,11 @@ def test_a_kept_blob_suppresses_less_probable_ones_within_its_radius_plus_4_mm()
     assert len(out) == 3                                # a 4 mm blob keeps only 2 + 4 mm around it
 
 
-def test_a_second_stage_card_must_name_its_first_stage_and_only_it() -> None:
+def test_a_candidate_classifier_runs_only_as_a_stage_and_declares_none() -> None:
     fields = _card().model_dump()
-    with pytest.raises(ValueError, match="first_stage"):
-        ModelCard.model_validate({**fields, "first_stage": None})
-    with pytest.raises(ValueError, match="first_stage"):
-        ModelCard.model_validate({**fields, "postprocess": "nodules"})
+    assert not _card().runs_alone
+    with pytest.raises(ValueError, match="declares no stages"):
+        ModelCard.model_validate({**fields, "stages": [{"kind": "segmentation"}]})
 
 
 def _weighted_sum_classifier(path, weights: np.ndarray) -> None:

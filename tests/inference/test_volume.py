@@ -8,10 +8,9 @@ import numpy as np
 import pydicom
 import pytest
 
+from harness.ct import BACKGROUND_HU, SPHERE_HU
 from inference.errors import VolumeError, WrongModalityError
 from inference.volume import load_series
-
-from .conftest import BACKGROUND_HU, SPHERE_HU
 
 
 def _ipp(path: Path) -> np.ndarray:
@@ -57,7 +56,7 @@ def test_affine_maps_indices_to_patient_mm(series_writer, iop):
 
 
 def test_rle_compressed_series_decodes_like_uncompressed(tmp_path):
-    from .conftest import write_series
+    from harness.ct import write_series
 
     plain = load_series(write_series(tmp_path / "plain", seed=3))
     rle = load_series(write_series(tmp_path / "rle", seed=3, compress=True))

@@ -11,9 +11,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from harness.dcmtk import DCMTK_ENV, StoreSCP, storescu
+from harness.gateway import SR_CLASS, RunningGateway, start_gateway, write_config
 from tests.conftest import require_tool
-from tests.integration.conftest import DCMTK_ENV, SR_CLASS, StoreSCP, storescu
-from tests.integration.gateway import RunningGateway, start_gateway, write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -10,9 +10,9 @@ import highdicom as hd
 import pydicom
 import pytest
 
+from harness.dcmtk import StoreSCP, storescu
+from harness.gateway import GSPS_CLASS, SEG_CLASS, SR_CLASS, start_gateway, write_config
 from inference.validation import dciodvfy
-from tests.integration.conftest import GSPS_CLASS, SEG_CLASS, SR_CLASS, StoreSCP, storescu
-from tests.integration.gateway import start_gateway, write_config
 
 pytestmark = pytest.mark.integration
 

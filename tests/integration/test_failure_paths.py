@@ -7,169 +7,38 @@ it (distinct studies, cloned with fresh UIDs); the full-disk and dead-letter tes
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from io import BytesIO
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import pydicom
 import pytest
-from pydicom.dataset import FileMetaDataset
 from pydicom.filereader import read_file_meta_info
-from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from tests.conftest import free_port, require_tool
-from tests.integration.conftest import DCMTK_ENV, SR_CLASS, StoreSCP, start_storescp, storescu, wait_for_echo
-from tests.integration.gateway import REPO, RunningGateway, start_gateway, write_config
+from harness.dcmtk import DCMTK_ENV, StoreSCP, start_storescp, storescu
+from harness.gateway import REPO, SR_CLASS, RunningGateway, start_gateway, write_config
+from harness.system import free_port
+from tests.conftest import require_tool
+from tests.integration.failures import (
+    api_call,
+    assert_each_output_once,
+    c_store_raw,
+    clone_study,
+    destination,
+    garbage_file,
+    is_failure,
+    spooled_sops,
+    study_jobs,
+    wait_for,
+    wait_study_job,
+)
 
 pytestmark = pytest.mark.integration
 
 CHEST_MATCH = {"modality": ["CT"], "body_part": ["CHEST"]}
 FAST_SENDER = {"max_attempts": 20, "backoff_initial_s": 0.5, "backoff_max_s": 1.0, "timeout_s": 5}
-
-
-# -- helpers --------------------------------------------------------------------------------------
-def api_call(gw: RunningGateway, path: str, method: str = "GET") -> tuple[int, Any]:
-    """(HTTP status, JSON body) of an API call, 4xx/5xx included."""
-    req = urllib.request.Request(f"http://127.0.0.1:{gw.http_port}{path}", method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as exc:
-        body = exc.read()
-        return exc.code, json.loads(body) if body else None
-
-
-def wait_for(gw: RunningGateway, what: str, probe: Callable[[], Any], timeout: float = 90.0) -> Any:
-    """Poll probe() until it returns something truthy; fail with the gateway log otherwise."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        if gw.proc.poll() is not None:
-            raise AssertionError(f"dxgate exited with {gw.proc.returncode} while waiting for {what}:\n"
-                                 f"{gw.log()[-4000:]}")
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last})\n{gw.log()[-4000:]}")
-
-
-def study_jobs(gw: RunningGateway, study_uid: str) -> list[dict]:
-    return gw.api(f"/jobs?study_uid={study_uid}&limit=100")
-
-
-def wait_study_job(gw: RunningGateway, study_uid: str, states: set[str], timeout: float = 120.0) -> dict:
-    """The study's one job once it is in one of states, as /jobs/{id} details."""
-    def probe() -> dict | None:
-        jobs = study_jobs(gw, study_uid)
-        return jobs[0] if jobs and jobs[0]["state"] in states else None
-
-    job = wait_for(gw, f"a job of study {study_uid} in {states}", probe, timeout)
-    return gw.api(f"/jobs/{job['id']}")
-
-
-def spooled_sops(gw: RunningGateway) -> set[str]:
-    return {p.stem for p in (gw.data_dir / "spool").rglob("*.dcm") if not p.name.startswith(".")}
-
-
-def received_sops(scp: StoreSCP) -> Counter[str]:
-    """How many times the destination received each SOP Instance UID (storescp -uf keeps duplicates)."""
-    return Counter(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
-                   for p in scp.out_dir.rglob("*") if p.is_file())
-
-
-def clone_study(files: list[Path], out: Path, *, limit: int | None = None, **attributes: Any) -> tuple[str, list[Path]]:
-    """Copies of a study's files with fresh Study/Series/SOP/Frame of Reference UIDs and given attributes."""
-    out.mkdir(parents=True, exist_ok=True)
-    study_uid = generate_uid()
-    uid_map: dict[str, str] = {}
-    written = []
-    for src in sorted(files)[:limit]:
-        ds = pydicom.dcmread(src)
-        ds.StudyInstanceUID = study_uid
-        for keyword in ("SeriesInstanceUID", "FrameOfReferenceUID"):
-            if keyword in ds:
-                setattr(ds, keyword, uid_map.setdefault(str(ds.data_element(keyword).value), generate_uid()))
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        for keyword, value in attributes.items():
-            setattr(ds, keyword, value)
-        path = out / f"{ds.SOPInstanceUID}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        written.append(path)
-    return study_uid, written
-
-
-def c_store_raw(port: int, paths: list[Path], calling_ae: str = "PACS", called_ae: str = "DXGATE") -> list[int | None]:
-    """C-STORE files byte for byte with pynetdicom (no decode, so broken data sets go out as they are).
-
-    Returns the response status per file (None when no response came back).
-    """
-    from pynetdicom import AE, _config
-
-    metas = [read_file_meta_info(p) for p in paths]
-    ae = AE(ae_title=calling_ae)
-    for sop_class, ts in sorted({(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID)) for m in metas}):
-        ae.add_requested_context(sop_class, [ts])
-    chunked = _config.STORE_SEND_CHUNKED_DATASET
-    _config.STORE_SEND_CHUNKED_DATASET = True  # send the file's data set bytes as stored
-    try:
-        assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
-        assert assoc.is_established, "association to dxgate failed"
-        statuses: list[int | None] = []
-        for p in paths:
-            rsp = assoc.send_c_store(p)
-            statuses.append(int(rsp.Status) if "Status" in rsp else None)
-        assoc.release()
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = chunked
-        ae.shutdown()
-    return statuses
-
-
-def is_failure(status: int | None) -> bool:
-    """PS3.4 C.4.2.1.5 / Annex C: refused (A7xx), error (A9xx, Cxxx) or a general failure (01xx)."""
-    return status is not None and (status & 0xF000 in (0xA000, 0xC000) or 0x0100 <= status <= 0x01FF)
-
-
-def garbage_file(path: Path, seed: int = 7) -> str:
-    """Preamble + DICM + a valid CT file meta, then random bytes as the "data set"; returns its SOP UID."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    buf = BytesIO()
-    buf.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(buf, meta, enforce_standard=True)  # type: ignore[arg-type]
-    buf.write(np.random.default_rng(seed).bytes(4096))
-    path.write_bytes(buf.getvalue())
-    return str(meta.MediaStorageSOPInstanceUID)
-
-
-def destination(name: str, port: int, ae_title: str | None = None) -> dict[str, Any]:
-    return {"name": name, "ae_title": ae_title or name.upper(), "host": "127.0.0.1", "port": port, "overlay": "gsps"}
-
-
-def assert_each_output_once(scp: StoreSCP, detail: dict) -> None:
-    expected = {o["sop_instance_uid"] for o in detail["outputs"]}
-    got = received_sops(scp)
-    assert expected, detail
-    assert expected <= set(got), (expected - set(got), detail["deliveries"])
-    duplicates = {uid: n for uid, n in got.items() if uid in expected and n != 1}
-    assert not duplicates, f"outputs delivered more than once: {duplicates}"
 
 
 # -- fixtures -------------------------------------------------------------------------------------
@@ -321,38 +190,11 @@ def test_destination_down_then_up_never_blocks_the_live_one(shared: SharedGatewa
     assert any(ds.SOPClassUID == SR_CLASS and ds.StudyInstanceUID == study_uid for ds in flaky_scp.datasets())
 
 
-def _start_unready_gateway(config: Path, timeout: float = 90.0) -> RunningGateway:
-    """`dxgate serve` that is expected to report not-ready: wait for /healthz and a C-ECHO answer instead."""
-    import yaml
-
-    cfg = yaml.safe_load(config.read_text())
-    log_path = config.parent / "dxgate-unready.log"
-    proc = subprocess.Popen([sys.executable, "-m", "dxgate", "serve", "--config", str(config)],
-                            cwd=REPO, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
-    gw = RunningGateway(proc, config, Path(cfg["data_dir"]), cfg["dicom_port"], cfg["http_port"], log_path)
-    try:
-        wait_for(gw, "/healthz", lambda: api_call(gw, "/healthz")[0] == 200 if _port_open(gw.http_port) else None,
-                 timeout)
-        wait_for_echo(gw.dicom_port, "DXGATE")
-    except BaseException:
-        gw.stop()
-        raise
-    return gw
-
-
-def _port_open(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 def test_full_disk_answers_out_of_resources(tmp_path: Path, gateway_models: Path, small_chest) -> None:
     (tmp_path / "var").mkdir()
     free_mb = shutil.disk_usage(tmp_path / "var").free // (1024 * 1024)
     cfg = write_config(tmp_path, gateway_models, min_free_disk_mb=int(free_mb) + 1_000_000)
-    gw = _start_unready_gateway(cfg)
+    gw = start_gateway(cfg, until="healthy")
     try:
         status, body = api_call(gw, "/readyz")
         assert status == 503, body

@@ -17,8 +17,8 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from tests.integration.conftest import SR_CLASS, StoreSCP, storescu
-from tests.integration.gateway import RunningGateway, start_gateway, write_config
+from harness.dcmtk import StoreSCP, storescu
+from harness.gateway import SR_CLASS, RunningGateway, start_gateway, write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

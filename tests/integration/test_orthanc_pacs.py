@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, require_tool
-from tests.integration.conftest import DCMTK_ENV, storescu
-from tests.integration.gateway import start_gateway, write_config
-from tests.integration.orthanc import start_orthanc
+from harness.dcmtk import DCMTK_ENV, storescu
+from harness.gateway import start_gateway, write_config
+from harness.orthanc import start_orthanc
+from harness.system import free_port
+from tests.conftest import require_tool
 
 pytestmark = pytest.mark.integration
 

@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from harness.system import free_port
 from inference.errors import BackendError
-from tests.conftest import free_port
 
 pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed (pip install 'dxgate[triton]')")
 
+from harness.triton_server import TritonEndpoints, TritonUnavailable, serve_onnx_model  # noqa: E402
 from inference.backends.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
 from inference.backends.triton_backend import TritonBackend  # noqa: E402
-from tests.integration.triton_server import TritonEndpoints, TritonUnavailable, serve_onnx_model  # noqa: E402
 
 pytestmark = pytest.mark.integration
 NAME = "lung_nodule_ct"

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from training.evaluate import resolve_dataset, score_nodules, score_vertebrae, series_files, write_report
+from training.evaluate import resolve_dataset, series_files
 from training.loaders import LoaderError
+from training.scoring.findings import score_nodules, score_vertebrae, write_report
 
 
 @dataclass
@@ -169,10 +170,12 @@ def _brightness_second_stage(folder, first: str, gain: float) -> None:
                   "roi_size": [24, 24, 24], "overlap": 0.0, "batch_size": 64},
         "output": {"name": "logits", "activation": "sigmoid", "channels": 1},
         "labels": first_card["labels"], "thresholds": {"probability": 0.5}, "series": first_card["series"],
-        "first_stage": {"model": first, "probability": first_card["thresholds"]["probability"]},
         "weights_sha256": sha256_file(folder / "1" / "model.onnx"),
     }
     _write_folder(folder, card)
+    from training.register import declare_candidate_stage
+
+    declare_candidate_stage(folder.parent / first, folder.name, None, first_card["thresholds"]["probability"])
 
 
 def test_evaluate_runs_the_lung_model_with_its_second_stage_as_the_gateway_does(tmp_path):

@@ -1,4 +1,4 @@
-"""ONNX export: dynamic axes, names and parity with PyTorch (CONTRACTS.md "Model contract")."""
+"""ONNX export: dynamic axes, names and parity with PyTorch (the model card's input and output names)."""
 
 from __future__ import annotations
 

@@ -7,33 +7,19 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
 from inference.model_repo import load_model
+from tests.training.shipped import SECOND_STAGE, tiny_first_stage, tiny_second_stage
 
 
-def _configs(root: Path, **first: object) -> tuple[Path, Path]:
-    small = {"rows": 128, "slices": 40, "n_neg": 60}
-    second = root / "second_stage.yaml"
-    second.write_text(yaml.safe_dump({
-        "first_stage": "models/lung_nodule_ct", "run_dir": str(root / "unused"),   # both replaced by the command
-        "rounds": [{"seeds": [3000, 3003], "steps": 20, "lr": 0.002, **small},
-                   {"seeds": [3003, 3005], "steps": 10, "lr": 0.001, "hard": True, "painted": 4, **small}],
-        "calibration": {"dir": str(root / "eval"), "section": "calibration", "n": 2, "seed": 6000, "rows": 128,
-                        "slices": 60},
-        "test": [{"dir": str(root / "eval"), "section": "test", "n": 2, "seed": 9000, "rows": 128, "slices": 60}],
-        "register_to": None, "batch_size": 64, "operating_confidence": 0.9,
-    }))
-    config = root / "lung.yaml"
-    config.write_text(yaml.safe_dump({
-        "task": "lung-nodule", "name": "lung_nodule_ct", "spacing_mm": [3.0, 3.0, 3.0], "window": [-1000.0, 400.0],
-        "roi_size": [16, 32, 32], "channels": [4, 8, 16], "steps": 3, "val_every": 3, "benchmark": False,
-        "run_dir": str(root / "run"), "register_to": str(root / "models"), "operating_fp_per_scan": 1.0,
-        # the first stage's own held-out and calibration sets are not used: the second stage's serve both
-        "data": {"dir": str(root / "data"), "n_train": 1, "n_val": 1, "n_test": 1, "n_calibration": 1,
-                 "phantom": True},
-        **first,
-    }))
+def _configs(root: Path) -> tuple[Path, Path]:
+    """Tiny variants of the shipped pair: lung_nodule.yaml and lung_nodule_candidates.yaml (two short rounds)."""
+    second = tiny_second_stage(root, [{"seeds": [3000, 3003], "steps": 20}, {"seeds": [3003, 3005], "steps": 10,
+                                                                             "painted": 4}],
+                               first_stage="models/lung_nodule_ct", run_dir=str(root / "unused"),  # replaced
+                               register_to=None)
+    # the first stage's own held-out and calibration sets are not used: the second stage's serve both
+    config = tiny_first_stage("lung-nodule", root)
     return config, second
 
 
@@ -51,12 +37,12 @@ def test_one_command_registers_both_stages_the_second_naming_the_first(lung_mode
     root, config = lung_model
     first = load_model(root / "models" / "lung_nodule_ct").card
     second = load_model(root / "models" / "lung_nodule_candidates_ct").card
-    assert second.first_stage is not None and second.first_stage.model == "lung_nodule_ct"
+    assert [s.model for s in first.stages] == [None, "lung_nodule_candidates_ct"]      # the first declares the pair
     assert second.training["first_stage"] == {"name": "lung_nodule_ct", "version": first.version,
                                               "weights_sha256": first.weights_sha256}
-    command = f"dxgate train lung-nodule --config {config} --second-stage {root / 'second_stage.yaml'}"
+    command = f"dxgate train lung-nodule --config {config} --second-stage {root / SECOND_STAGE}"
     assert first.training["command"] == second.training["command"] == command
-    assert second.training["config"] == str(root / "second_stage.yaml")
+    assert second.training["config"] == str(root / SECOND_STAGE)
     assert first.training["second_stage"] == second.name
     assert second.training["steps_per_round"] == [20, 10]
     phases = second.training["timings_s"]          # the first stage's training is part of the command's time
@@ -81,7 +67,7 @@ def test_the_first_stage_gets_its_own_operating_point_and_figures_from_the_same_
     assert (root / "models" / "lung_nodule_ct" / alone["figure"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # from the pair's own scored cases (no CT scored twice), blobs left out
     from training.lung_model import without_blobs
-    from training.second_stage_eval import SOURCE_FLOOR, served_curve
+    from training.scoring.served import SOURCE_FLOOR, served_curve
 
     scores = root / "run" / "second_stage" / "scores" / "test_9000"
     rows = [json.loads((scores / f"{seed}.json").read_text()) for seed in (9000, 9001)]
@@ -97,15 +83,16 @@ def test_the_gateway_serves_the_pair_the_command_registered(lung_model: tuple[Pa
     root, _ = lung_model
     loaded = load_models(Settings(models_dir=root / "models"))
     lung = loaded["lung_nodule_ct"].runner
-    assert lung.second_stage is not None and lung.second_stage.card.name == "lung_nodule_candidates_ct"
+    assert [s.card.name for s in lung.stages] == ["lung_nodule_candidates_ct"]
 
 
 def test_the_command_resumes_a_finished_run_without_training_again(lung_model: tuple[Path, Path]) -> None:
-    from training.cli import train_command
+    from training.workflow import train_model
 
     root, config = lung_model
     before = {n: load_model(root / "models" / n).card for n in ("lung_nodule_ct", "lung_nodule_candidates_ct")}
-    assert train_command("lung-nodule", config, root / "second_stage.yaml") == 0
+    out = train_model("lung-nodule", config, root / SECOND_STAGE)
+    assert out["registered"] == [str(root / "models" / n) for n in before]
     for name, card in before.items():
         again = load_model(root / "models" / name).card
         assert again.weights_sha256 == card.weights_sha256 and again.thresholds == card.thresholds
@@ -122,10 +109,11 @@ def test_a_second_stage_is_refused_before_training_where_it_does_not_belong(
     for task, config_file in (("spine-vertebrae", spine), ("lung-nodule-candidates", second)):
         assert main(["train", task, "--config", str(config_file), "--second-stage", str(second)]) == 2
         assert "--second-stage goes with lung-nodule only" in capsys.readouterr().err
-    from training.cli import train_command
+    from training.errors import TrainingError
+    from training.workflow import train_model
 
-    assert train_command("spine-vertebrae", spine, second) == 2      # called directly, not through the CLI
-    assert "only the lung-nodule task has one" in capsys.readouterr().err
+    with pytest.raises(TrainingError, match="only the lung-nodule task has one"):   # called directly
+        train_model("spine-vertebrae", spine, second)
     broken = tmp_path / "broken.yaml"
     broken.write_text(second.read_text().replace("rounds:", "roundz:"))
     assert main(["train", "lung-nodule", "--config", str(config), "--second-stage", str(broken)]) == 2

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.cli import choose_operating_point
 from training.datasets import Case, resolve, write_case
 from training.register import card_fields_for
+from training.scoring.heldout import choose_operating_point, found_by_group, nodule_surroundings
 
 
 class _IntensityModel:
@@ -58,8 +58,6 @@ def test_lowest_threshold_within_the_false_positive_budget(tmp_path: Path, budge
 
 
 def test_found_by_group_counts_hits_per_kind_size_and_pleura() -> None:
-    from training.cli import found_by_group
-
     entries = [
         {"seed": 1, "nodules": [
             {"centre_mm": [0, 0, 0], "diameter_mm": 4.0, "kind": "ground-glass", "juxtapleural": False},
@@ -80,7 +78,6 @@ def test_nodule_surroundings_tells_a_nodule_on_the_pleura_from_one_alone() -> No
     from types import SimpleNamespace
 
     from inference.volume import Volume
-    from training.cli import found_by_group, nodule_surroundings
 
     hu = np.full((40, 60, 60), -850.0, dtype=np.float32)
     hu[:, :, 40:] = 40.0                                   # chest wall from x = 40 voxels (60 mm) on

@@ -9,13 +9,16 @@ import numpy as np
 import pytest
 
 from inference.model_repo import load_model
+from tests.training.shipped import tiny_second_stage
 
 SHIPPED_LUNG = Path(__file__).resolve().parents[2] / "models" / "lung_nodule_ct"
 
 
 @pytest.fixture(scope="module")
 def second_stage(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A models/ folder holding the shipped lung model and a second stage trained a few seconds on tiny CTs."""
+    """A models/ folder holding the shipped lung model and a second stage trained a few seconds on tiny CTs by a
+    tiny variant of the shipped config (its flips, flip screen, confidence; two short rounds, the second with a
+    budget of minutes)."""
     import shutil
 
     from training.second_stage import load_config, run
@@ -23,17 +26,10 @@ def second_stage(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("second_stage")
     models = root / "models"
     shutil.copytree(SHIPPED_LUNG, models / "lung_nodule_ct")
-    small = {"rows": 128, "slices": 40, "n_neg": 60}
-    config = root / "config.yaml"
-    config.write_text(json.dumps({
-        "first_stage": str(models / "lung_nodule_ct"), "run_dir": str(root / "run"),
-        "rounds": [{"seeds": [3000, 3003], "steps": 30, "lr": 0.002, **small},
-                   {"seeds": [3003, 3006], "minutes": 0.05, "lr": 0.001, "hard": True, "painted": 4, **small}],
-        "calibration": {"dir": str(root / "data"), "section": "calibration", "n": 2, "seed": 6000, "rows": 128,
-                        "slices": 60},
-        "test": [{"dir": str(root / "data"), "section": "test", "n": 2, "seed": 9000, "rows": 128, "slices": 60}],
-        "register_to": str(models), "batch_size": 64, "operating_confidence": 0.9,
-    }))
+    config = tiny_second_stage(root, [{"seeds": [3000, 3003], "steps": 30, "painted": 0},
+                                      {"seeds": [3003, 3006], "minutes": 0.05, "painted": 4}],
+                               first_stage=str(models / "lung_nodule_ct"), run_dir=str(root / "run"),
+                               register_to=str(models))
     out = run(load_config(config), config, log=lambda s: None)
     assert out["registered"] == str(models / "lung_nodule_candidates_ct")
     return models
@@ -42,9 +38,12 @@ def second_stage(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_the_command_registers_a_second_stage_naming_its_first(second_stage: Path) -> None:
     model = load_model(second_stage / "lung_nodule_candidates_ct")
     card = model.card
-    assert card.postprocess == "candidates" and card.first_stage is not None
-    assert card.first_stage.model == "lung_nodule_ct"
-    assert 0.3 <= card.thresholds.probability < 1 and card.first_stage.probability == card.thresholds.probability
+    first = load_model(second_stage / "lung_nodule_ct").card       # declares the composition
+    assert card.postprocess == "candidates" and not card.runs_alone
+    assert [(s.kind, s.model) for s in first.stages] == [("segmentation", None),
+                                                         ("candidate_classification", "lung_nodule_candidates_ct")]
+    assert 0.3 <= card.thresholds.probability < 1
+    assert first.stages[0].probability == first.stages[1].probability == card.thresholds.probability
     # two calibration scans cannot bound the rate under 1 FP/scan with 90 % confidence even with none: budget 0
     op = card.metrics["operating_point"]
     assert op["confidence"] == 0.9 and op["calibration_fp_budget"] == 0 and op["calibration_fp_per_scan"] == 0
@@ -95,13 +94,15 @@ def test_the_gateway_runs_the_second_stage_with_the_lung_model(second_stage: Pat
     study = write_chest_ct_study(tmp_path / "ct", seed=11, slices=60, nodules=3, rows=128)
     loaded = load_models(Settings(models_dir=second_stage))
     lung = loaded["lung_nodule_ct"].runner
-    assert lung.second_stage is not None and lung.second_stage.card.name == "lung_nodule_candidates_ct"
+    (stage,) = lung.stages
+    assert stage.card.name == "lung_nodule_candidates_ct"
     result = lung.run(sorted((tmp_path / "ct").glob("*.dcm")))
     assert result.model_version == "1+lung_nodule_candidates_ct.1"
-    assert result.second_stage == lung.second_stage.algorithm       # named in the SR and SEG
-    assert all(f.algorithm in (None, result.second_stage) for f in result.findings)
+    assert [a.name for a in result.algorithms] == ["lung_nodule_ct", "lung_nodule_candidates_ct"]
+    assert result.algorithms[1] == stage.algorithm                   # named in the SR and SEG
+    assert all(f.algorithm in result.algorithms for f in result.findings)
     assert result.label_map.shape[0] == 60
-    threshold = lung.second_stage.card.thresholds.probability
+    threshold = stage.card.thresholds.probability
     assert lung.card.thresholds.probability == threshold, "the first stage runs at the combined threshold"
     for f in result.findings:
         assert f.diameter_mm is not None and f.diameter_mm > 0 and f.probability >= threshold - 1e-6
@@ -122,4 +123,4 @@ def test_a_rule_naming_the_second_stage_routes_nothing_and_says_why(second_stage
     rule = Rule(name="chest", match=RuleMatch(modality=["CT"]), models=["lung_nodule_candidates_ct", "lung_nodule_ct"])
     decisions, reasons = route_study([rule], models, [series], ["pacs"])
     assert [d.model for d in decisions] == ["lung_nodule_ct"]
-    assert any("second stage of lung_nodule_ct" in r for r in reasons)
+    assert any("runs only as a stage of lung_nodule_ct" in r for r in reasons)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from inference.model_card import Thresholds
-from training.second_stage_eval import (
+from training.scoring.served import (
     ServedCase,
     choose_threshold,
     false_positive_budget,
@@ -185,8 +185,8 @@ def test_first_stage_findings_are_those_of_the_gateways_postprocess(spacing) -> 
     from inference.postprocess import nodules
     from inference.preprocess import ResampleInfo, resampled_shape
     from inference.volume import Volume
-    from training.cli import component_labels
-    from training.second_stage_eval import source_voxels
+    from training.scoring.cases import component_labels
+    from training.scoring.served import source_voxels
 
     shape = (int(40 / spacing[0]), int(48 / spacing[1]), int(48 / spacing[2]))
     rng = np.random.default_rng(7)

@@ -187,6 +187,7 @@ def test_dicom_series_round_trip_and_annotations(tmp_path: Path) -> None:
     zs = [float(ds.ImagePositionPatient[2]) for ds in dss]
     assert np.allclose(np.diff(zs), study.volume.spacing[0])
     assert np.allclose([float(v) for v in ds0.ImagePositionPatient], study.volume.origin, atol=1e-5)
+    assert study.annotations_path == tmp_path / "chest.annotations.csv"  # beside the DICOM folder
     with study.annotations_path.open() as fh:
         rows = list(csv.DictReader(fh))
     assert list(rows[0].keys()) == ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]
@@ -197,7 +198,8 @@ def test_dicom_series_round_trip_and_annotations(tmp_path: Path) -> None:
 
 
 def test_spine_study_centroids_json(tmp_path: Path) -> None:
-    study = write_spine_ct_study(tmp_path, seed=2, slices=40, rows=64)
+    study = write_spine_ct_study(tmp_path / "spine", seed=2, slices=40, rows=64)
+    assert study.annotations_path == tmp_path / "spine.centroids.json"  # beside the DICOM folder
     data = json.loads(study.annotations_path.read_text())
     assert data[0] == {"direction": ["L", "P", "S"]}
     assert [d["label"] for d in data[1:]] == [v.index for v in study.volume.vertebrae]

@@ -1,4 +1,5 @@
-"""Training workflow on tiny phantoms: the loss falls, resume continues, transforms match the contract."""
+"""Training on tiny phantoms: the loss falls, resume continues, transforms match the gateway's preprocess, and
+each shipped first-stage recipe trains and registers."""
 
 from __future__ import annotations
 
@@ -9,16 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from tests.training.shipped import FIRST_STAGE, tiny_first_stage
+from training.config import DataConfig, TrainConfig, load_config
 from training.datasets import generate_dataset, phantom_case
-from training.train import (
-    DataConfig,
-    DiceHardVoxelBCE,
-    TrainConfig,
-    cpu_has_bf16,
-    load_config,
-    per_nodule_mean,
-    train,
-)
+from training.device import cpu_has_bf16
+from training.errors import TrainingError
+from training.losses import DiceHardVoxelBCE
+from training.train import train
 from training.transforms import (
     SAMPLING_KEY,
     NoduleSamplingMapd,
@@ -77,62 +75,6 @@ def test_hard_voxel_bce_weighs_a_confident_false_positive() -> None:
     assert hard_rise > 0.3 and hard_rise > 50 * plain_rise
 
 
-def test_per_nodule_mean_weighs_every_nodule_alike() -> None:
-    """Two nodules of 8 and 1000 voxels in one patch, none in the other: the mean of their two means."""
-    label = torch.zeros(2, 1, 16, 24, 24)
-    label[0, 0, 1:3, 1:3, 1:3] = 1.0
-    label[0, 0, 5:15, 10:20, 10:20] = 1.0
-    loss = torch.rand(2, 1, 16, 24, 24)
-    small, large = loss[0, 0, 1:3, 1:3, 1:3].mean(), loss[0, 0, 5:15, 10:20, 10:20].mean()
-    assert float(per_nodule_mean(loss, label)) == pytest.approx(float(small + large) / 2, rel=1e-5)
-    assert float(per_nodule_mean(loss, torch.zeros_like(label))) == 0.0
-
-
-def test_nodule_weight_makes_a_missed_small_nodule_count() -> None:
-    """Missing a 2x2x2 nodule next to a found 12^3 one barely moves Dice + hard BCE; per nodule it does."""
-    label = torch.zeros(1, 1, 32, 48, 48)
-    label[..., 2:14, 2:14, 2:14] = 1.0
-    label[..., 20:22, 30:32, 30:32] = 1.0
-    right = torch.where(label > 0, 8.0, -8.0)
-    missed = right.clone()
-    missed[..., 20:22, 30:32, 30:32] = -8.0
-    without = float(DiceHardVoxelBCE(0.05)(missed, label) - DiceHardVoxelBCE(0.05)(right, label))
-    with_term = float(DiceHardVoxelBCE(0.05, 1.0)(missed, label) - DiceHardVoxelBCE(0.05, 1.0)(right, label))
-    assert without < 0.1
-    assert with_term > 3.0
-
-
-def test_checkpoint_last_returns_the_last_network(tmp_path: Path) -> None:
-    """A finished run reloads last.pt's network with `checkpoint: last`, best.pt's otherwise."""
-    cfg = dict(steps=4, val_every=2, nodule_weight=1.0, hard_voxel_fraction=0.05)
-    train(_cfg(tmp_path, **cfg), progress=False)
-    last = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["net"]
-    torch.save({k: v + 1.0 if v.is_floating_point() else v for k, v in last.items()}, tmp_path / "run" / "best.pt")
-
-    def same(net: torch.nn.Module, state: dict) -> bool:
-        return all(torch.equal(v.contiguous(), net.state_dict()[k].contiguous()) for k, v in state.items())
-
-    assert same(train(_cfg(tmp_path, checkpoint="last", **cfg), progress=False).net, last)
-    assert not same(train(_cfg(tmp_path, checkpoint="best", **cfg), progress=False).net, last)
-
-
-def test_init_from_starts_a_fresh_run_from_given_weights(tmp_path: Path) -> None:
-    """`init_from` seeds a new run's network (state dict or checkpoint); a missing file is refused."""
-    first = train(_cfg(tmp_path / "a", steps=2, val_every=2), progress=False)
-    seed = {k: v + 0.5 if v.is_floating_point() else v for k, v in first.net.state_dict().items()}
-    torch.save(seed, tmp_path / "seed.pt")
-    fresh = train(_cfg(tmp_path / "b", steps=1, val_every=1, lr=1e-9, init_from=tmp_path / "seed.pt"),
-                  progress=False)
-    weight = "model.0.conv.unit0.conv.weight"
-    assert weight in seed
-    assert torch.allclose(fresh.net.state_dict()[weight], seed[weight], atol=1e-6)
-    from_checkpoint = train(_cfg(tmp_path / "c", steps=1, val_every=1, lr=1e-9,
-                                 init_from=tmp_path / "a" / "run" / "last.pt"), progress=False)
-    assert torch.allclose(from_checkpoint.net.state_dict()[weight], first.net.state_dict()[weight], atol=1e-6)
-    with pytest.raises(FileNotFoundError, match="init_from"):
-        train(_cfg(tmp_path / "d", steps=1, init_from=tmp_path / "missing.pt"), progress=False)
-
-
 def test_resume_continues_from_checkpoint(tmp_path: Path) -> None:
     first = train(_cfg(tmp_path, steps=4, val_every=2), progress=False)
     assert first.step == 4 and (tmp_path / "run" / "last.pt").is_file()
@@ -186,46 +128,55 @@ def test_training_transforms_equal_the_gateway_preprocess(tmp_path: Path, spacin
     np.testing.assert_allclose(trained[common], served[common], atol=1e-5)
 
 
-@pytest.mark.parametrize("task", ["lung-nodule", "spine-vertebrae"])
-def test_train_command_trains_evaluates_and_registers(tmp_path: Path, task: str) -> None:
-    import yaml
-
+@pytest.mark.parametrize("task", sorted(FIRST_STAGE))
+def test_the_shipped_recipe_trains_evaluates_and_registers(tmp_path: Path, task: str) -> None:
+    """A tiny variant of each shipped first-stage config (its network, spacing, window, flips, loss and sampling;
+    3 steps on the phantom) through `dxgate train`: trained, scored held-out, registered, and re-registered
+    without training again."""
+    from dxgate.main import main
     from inference.model_repo import load_model
-    from training.cli import train_command
+    from training.workflow import train_model
 
-    name = "lung_nodule_ct" if task == "lung-nodule" else "spine_vertebrae_ct"
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "task": task, "name": name, "spacing_mm": [3.0, 3.0, 3.0], "window": [-1000.0, 400.0],
-        "roi_size": [16, 32, 32], "channels": [4, 8, 16], "steps": 3, "val_every": 3, "benchmark": False,
-        "run_dir": str(tmp_path / "run"), "register_to": str(tmp_path / "models"),
-        "data": {"dir": str(tmp_path / "data"), "n_train": 1, "n_val": 1, "n_test": 2, "phantom": True,
-                 "n_calibration": 1},
-        "operating_fp_per_scan": 1.0,
-    }))
-    assert train_command(task, config) == 0
-    card = load_model(tmp_path / "models" / name).card
+    config = tiny_first_stage(task, tmp_path)
+    shipped = load_config(config)
+    assert main(["train", task, "--config", str(config)]) == 0
+    card = load_model(tmp_path / "models" / shipped.name).card
+    assert tuple(card.input.spacing_mm) == shipped.spacing_mm and tuple(card.input.window) == shipped.window
+    assert [tuple(a) for a in card.input.flips] == [tuple(a) for a in shipped.flips]
+    assert card.training["network"]["channels"] == list(shipped.channels)
     if task == "lung-nodule":  # the threshold comes from the calibration scan, not the config's 0.5
         chosen = card.metrics["operating_point_selection"]
         assert card.thresholds.probability == chosen["probability"]
         assert chosen["calibration_scans"] == 1 and chosen["calibration_fp_per_scan"] <= 1.0
         assert card.metrics["operating_point"]["probability"] == chosen["probability"]
+        assert card.training["loss"] == "DiceHardVoxelBCE (BCE over the hardest 5% of voxels)"
+        assert card.metrics["figures"] == ["froc.png"]
     else:
         assert "operating_point_selection" not in card.metrics
     assert card.training["command"] == f"dxgate train {task} --config {config}"
     assert card.metrics["heldout_cases"] == 2
     key = "sensitivity_at_1fp_per_scan" if task == "lung-nodule" else "id_rate"
     assert key in card.metrics
-    if task == "lung-nodule":
-        assert card.metrics["figures"] == ["froc.png"]
     for figure in card.metrics["figures"]:  # the plots travel with the card
-        assert (tmp_path / "models" / name / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert train_command("spine-vertebrae" if task == "lung-nodule" else "lung-nodule", config) == 2
+        assert (tmp_path / "models" / shipped.name / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    other = "spine-vertebrae" if task == "lung-nodule" else "lung-nodule"
+    with pytest.raises(TrainingError, match="does not match the config's task"):
+        train_model(other, config)
     # the same command on a finished run re-evaluates and re-registers without training again
-    assert train_command(task, config) == 0
-    again = load_model(tmp_path / "models" / name).card
+    out = train_model(task, config)
+    assert out["registered"] == str(tmp_path / "models" / shipped.name)
+    again = load_model(tmp_path / "models" / shipped.name).card
     assert again.training["steps"] == 3 and again.training["seconds"] >= card.training["seconds"]
     assert again.weights_sha256 == card.weights_sha256
+
+
+def test_an_unreadable_config_is_refused_before_training(tmp_path: Path) -> None:
+    from training.workflow import train_model
+
+    config = tmp_path / "broken.yaml"
+    config.write_text("task: lung-nodule\nname: x\nstepz: 3\n")
+    with pytest.raises(TrainingError, match=f"cannot read {config}"):
+        train_model("lung-nodule", config)
 
 
 def test_nodule_sampling_map_numbers_each_nodule_and_marks_lung() -> None:
@@ -258,18 +209,6 @@ def test_training_patches_hold_every_class_in_proportion(tmp_path: Path, task: s
     assert with_foreground >= 20
 
 
-def test_hard_negative_mining_runs_on_schedule_and_resumes(tmp_path: Path) -> None:
-    kw = dict(val_every=2, hard_negative_every=2, hard_negative_threshold=0.3, insert_nodules=1.0,
-              insertion={"small_fraction": 0.5, "juxtapleural_fraction": 0.5, "kind_weights": (0.4, 0.3, 0.3)})
-    first = train(_cfg(tmp_path, steps=5, **kw), progress=False)
-    notes = (first.run_dir / "notes.txt").read_text().splitlines()
-    assert [n.split(":")[0] for n in notes] == ["step 2", "step 4"]
-    assert (first.run_dir / "hard_negatives.npz").is_file()
-    second = train(_cfg(tmp_path, steps=7, **kw), progress=False)   # resumes at step 4, mines again at 6
-    assert second.step == 7
-    assert [n.split(":")[0] for n in (second.run_dir / "notes.txt").read_text().splitlines()][-1] == "step 6"
-
-
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -285,39 +224,20 @@ def test_shipped_configs_load_and_match_the_models_they_register(config: Path) -
 
         second = load_second_stage_config(ROOT / config)
         card = json.loads((ROOT / "models" / second.name / "metadata.json").read_text())
-        assert card["first_stage"]["model"] == second.first_stage.name
+        first = json.loads((ROOT / second.first_stage / "metadata.json").read_text())
+        assert second.name in [stage.get("model") for stage in first["stages"]]   # the first stage composes it
         assert [tuple(a) for a in card["input"].get("flips", [])] == [tuple(a) for a in second.flips]
         assert card["input"].get("flip_screen", 0.0) == second.flip_screen
         command = card["training"]["command"]       # its own command, or the lung command's --second-stage
         assert command.endswith((f"lung-nodule-candidates --config {config}", f"--second-stage {config}"))
         return
     cfg = load_config(ROOT / config)
-    if cfg.register_to is None:
-        return
+    assert cfg.register_to is not None
     card = json.loads((ROOT / cfg.register_to / cfg.name / "metadata.json").read_text())
     assert tuple(card["input"]["spacing_mm"]) == cfg.spacing_mm and tuple(card["input"]["window"]) == cfg.window
     assert tuple(card["input"]["roi_size"]) == cfg.roi_size
     assert [tuple(a) for a in card["input"].get("flips", [])] == [tuple(a) for a in cfg.flips]
     assert card["training"]["command"].split(" --second-stage ")[0].endswith(f"--config {config}")
-
-
-def test_train_nodules_sets_the_count_in_training_scans_only(tmp_path: Path) -> None:
-    """`data.train_nodules` gives every training chest CT that many nodules; other sections keep the
-    generator's seeded count and their recorded parameters, so an existing held-out set is reused."""
-    from training.train import data_split
-
-    data = DataConfig(dir=tmp_path / "data", n_train=2, n_val=1, n_test=1, rows=48, slices=30, train_nodules=3,
-                      test_seed=9001)
-    cfg = _cfg(tmp_path, data=data)
-    assert [len(e["nodules"]) for e in data_split(cfg, "training", progress=False)] == [3, 3]
-    test = data_split(cfg, "test", progress=False)
-    import json
-
-    meta = json.loads((tmp_path / "data" / "datalist.json").read_text())["generation"]
-    assert meta["training"]["nodules"] == 3 and "nodules" not in meta["test"]
-    default = generate_dataset("lung-nodule", tmp_path / "other", "test", 1, seed=9001, rows=48, slices=30,
-                               progress=False)
-    assert test[0]["nodules"] == default[0]["nodules"]
 
 
 def test_cases_generated_in_parallel_are_those_generated_one_by_one(tmp_path: Path) -> None:

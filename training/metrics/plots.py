@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 
 
 class Froc(Protocol):
-    """What a FROC plot reads: `training.metrics.froc.FrocResult`, `training.second_stage_eval.ServedCurve`."""
+    """What a FROC plot reads: `training.metrics.froc.FrocResult`, `training.scoring.served.ServedCurve`."""
 
     operating_points: tuple[float, ...]
     n_nodules: int

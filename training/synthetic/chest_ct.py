@@ -11,34 +11,24 @@ inside the field of view. Noise: Gaussian 15-25 HU with slight in-plane correlat
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 
 from training.synthetic.phantom import (
     Grid,
-    SyntheticVolume,
     grow_tree,
     noisy_int16,
     paint_capsule,
     soft_weight,
 )
 from training.synthetic.spine_ct import render_disc, render_ribs, render_vertebra, rib_radius, spine_layout
+from training.synthetic.truth import Nodule, SyntheticVolume
 
 __all__ = ["NODULE_KINDS", "Nodule", "generate_chest_ct", "paint_nodule", "sample_diameter_mm"]
 
 NODULE_KINDS = ("solid", "part-solid", "ground-glass")
 JUXTAPLEURAL_FRACTION = 0.3   # of the nodules, by default (the held-out sets' mix)
-
-
-@dataclass(frozen=True)
-class Nodule:
-    """Ground truth of one nodule: centre (x, y, z) in LPS mm, diameter mm, kind, juxtapleural flag."""
-
-    centre_mm: tuple[float, float, float]
-    diameter_mm: float
-    kind: str
-    juxtapleural: bool
 
 
 class _Chest:
@@ -220,6 +210,61 @@ def _default_spacing(rng: np.random.Generator, rows: int) -> tuple[float, float,
     return float(rng.choice([0.625, 1.0, 1.25, 1.5, 2.0, 2.5])), float(px), float(px)
 
 
+def _paint_body(rng: np.random.Generator, ch: _Chest, grid: Grid, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """Body, fat, lungs, heart and aorta slice by slice, then discs, ribs and vertebrae: (HU volume, lung mask)."""
+    xs, ys = grid.axis(2)[None, :], grid.axis(1)[:, None]
+    qb = (xs / ch.A) ** 2 + (ys / ch.B) ** 2
+    base = np.full(qb.shape, -1000.0, dtype=np.float32)
+    base[qb < 1.0] = -100.0
+    fat = rng.uniform(8.0, 25.0) * scale
+    base[(xs / (ch.A - fat)) ** 2 + (ys / (ch.B - fat)) ** 2 < 1.0] = 45.0
+    vol = np.empty(grid.shape, dtype=np.float32)
+    lung_mask = np.empty(grid.shape, dtype=bool)
+    domes = ch.domes(xs, ys)
+    for k, z in enumerate(grid.axis(0)):
+        vol[k], lung_mask[k] = _context_slice(ch, xs, ys, float(z), base, domes)
+    for upper, lower in zip(ch.levels[:-1], ch.levels[1:], strict=True):
+        render_disc(vol, grid, upper, lower)
+    cancellous = rng.uniform(200.0, 280.0)
+    for lv in ch.levels:
+        if lv.label.startswith("T"):
+            render_ribs(vol, grid, lv, scale, ch.rx_max, ch.ry_ratio)
+        render_vertebra(vol, grid, lv, scale, cancellous, None)
+    return vol, lung_mask
+
+
+def _paint_vessels_and_airways(rng: np.random.Generator, ch: _Chest, grid: Grid, vol: np.ndarray,
+                               lung_mask: np.ndarray, scale: float) -> None:
+    """Pulmonary arteries and veins (branching trees inside the lungs), trachea, main bronchi and airway trees."""
+    def inside(p: np.ndarray) -> np.ndarray:
+        return ch.lung(p[:, 0], p[:, 1], p[:, 2])
+
+    sx = grid.spacing[2]
+    min_r = max(0.5, 0.35 * sx)
+    budget = 220
+    car = ch.z_carina
+    _, _, _, yvb_c, _, rp_c = ch.ring(car)
+    y_tr = float(yvb_c - rp_c - 22.0 * scale)
+    for sg in (-1.0, 1.0):
+        for dy_, dz_, r0 in ((5.0, -20.0, 7.0), (-8.0, -50.0, 6.0)):  # pulmonary artery, vein
+            start = np.array([sg * 22.0 * scale, y_tr + dy_, car + dz_ * scale])
+            for direction in ((sg, -0.3, 0.9), (sg, -0.4, -0.1), (sg, 0.2, -0.9), (0.3 * sg, 0.8, 0.2)):
+                for p0, p1, ra, rb in grow_tree(rng, start, np.array(direction), r0 * scale * 0.8, inside,
+                                                min_radius=min_r, budget=budget):
+                    paint_capsule(vol, grid, p0, p1, ra, 40.0, r1=rb, where=lung_mask)
+    trachea = np.array([0.0, y_tr, car])
+    paint_capsule(vol, grid, trachea + np.array([0.0, -8.0, 200.0]), trachea, 9.0 * scale, -1000.0)
+    for sg in (-1.0, 1.0):
+        hilum = trachea + np.array([sg * 35.0, 8.0, -25.0]) * scale
+        paint_capsule(vol, grid, trachea, hilum, 6.0 * scale, -1000.0)
+        for direction in ((sg, 0.0, 0.8), (sg, 0.3, -0.6)):
+            for p0, p1, ra, rb in grow_tree(rng, hilum, np.array(direction), 5.0 * scale, inside,
+                                            min_radius=max(1.0, 0.5 * sx), budget=budget // 4):
+                wall = max(0.6, 0.2 * ra)
+                paint_capsule(vol, grid, p0, p1, ra + wall, 10.0, r1=rb + wall, where=lung_mask)
+                paint_capsule(vol, grid, p0, p1, ra, -1000.0, r1=rb)
+
+
 def generate_chest_ct(
     seed: int,
     slices: int | None = None,
@@ -253,54 +298,8 @@ def generate_chest_ct(
     origin = (-(rows - 1) / 2 * sx, -(rows - 1) / 2 * sy + rng.uniform(-10, 10), float(z0))
     grid = Grid((int(slices), rows, rows), (dz, sy, sx), origin)
     count = int(rng.integers(0, 5)) if nodules is None else int(nodules)
-
-    xs, ys = grid.axis(2)[None, :], grid.axis(1)[:, None]
-    qb = (xs / ch.A) ** 2 + (ys / ch.B) ** 2
-    base = np.full(qb.shape, -1000.0, dtype=np.float32)
-    base[qb < 1.0] = -100.0
-    fat = rng.uniform(8.0, 25.0) * scale
-    base[(xs / (ch.A - fat)) ** 2 + (ys / (ch.B - fat)) ** 2 < 1.0] = 45.0
-    vol = np.empty(grid.shape, dtype=np.float32)
-    lung_mask = np.empty(grid.shape, dtype=bool)
-    domes = ch.domes(xs, ys)
-    for k, z in enumerate(grid.axis(0)):
-        vol[k], lung_mask[k] = _context_slice(ch, xs, ys, float(z), base, domes)
-
-    for upper, lower in zip(ch.levels[:-1], ch.levels[1:], strict=True):
-        render_disc(vol, grid, upper, lower)
-    cancellous = rng.uniform(200.0, 280.0)
-    for lv in ch.levels:
-        if lv.label.startswith("T"):
-            render_ribs(vol, grid, lv, scale, ch.rx_max, ch.ry_ratio)
-        render_vertebra(vol, grid, lv, scale, cancellous, None)
-
-    def inside(p: np.ndarray) -> np.ndarray:
-        return ch.lung(p[:, 0], p[:, 1], p[:, 2])
-
-    min_r = max(0.5, 0.35 * sx)
-    budget = 220
-    car = ch.z_carina
-    _, _, _, yvb_c, _, rp_c = ch.ring(car)
-    y_tr = float(yvb_c - rp_c - 22.0 * scale)
-    for sg in (-1.0, 1.0):
-        for dy_, dz_, r0 in ((5.0, -20.0, 7.0), (-8.0, -50.0, 6.0)):  # pulmonary artery, vein
-            start = np.array([sg * 22.0 * scale, y_tr + dy_, car + dz_ * scale])
-            for direction in ((sg, -0.3, 0.9), (sg, -0.4, -0.1), (sg, 0.2, -0.9), (0.3 * sg, 0.8, 0.2)):
-                for p0, p1, ra, rb in grow_tree(rng, start, np.array(direction), r0 * scale * 0.8, inside,
-                                                min_radius=min_r, budget=budget):
-                    paint_capsule(vol, grid, p0, p1, ra, 40.0, r1=rb, where=lung_mask)
-    trachea = np.array([0.0, y_tr, car])
-    paint_capsule(vol, grid, trachea + np.array([0.0, -8.0, 200.0]), trachea, 9.0 * scale, -1000.0)
-    for sg in (-1.0, 1.0):
-        hilum = trachea + np.array([sg * 35.0, 8.0, -25.0]) * scale
-        paint_capsule(vol, grid, trachea, hilum, 6.0 * scale, -1000.0)
-        for direction in ((sg, 0.0, 0.8), (sg, 0.3, -0.6)):
-            for p0, p1, ra, rb in grow_tree(rng, hilum, np.array(direction), 5.0 * scale, inside,
-                                            min_radius=max(1.0, 0.5 * sx), budget=budget // 4):
-                wall = max(0.6, 0.2 * ra)
-                paint_capsule(vol, grid, p0, p1, ra + wall, 10.0, r1=rb + wall, where=lung_mask)
-                paint_capsule(vol, grid, p0, p1, ra, -1000.0, r1=rb)
-
+    vol, lung_mask = _paint_body(rng, ch, grid, scale)
+    _paint_vessels_and_airways(rng, ch, grid, vol, lung_mask, scale)
     label_map = np.zeros(grid.shape, dtype=np.uint8)
     z_lo, z_hi = float(grid.origin[2]) + 2.0, float(grid.origin[2]) + extent - 2.0
     found = _place_nodules(rng, ch, count, z_lo, z_hi, grid, juxtapleural_fraction)

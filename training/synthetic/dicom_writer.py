@@ -30,8 +30,8 @@ from training.synthetic.chest_ct import generate_chest_ct
 from training.synthetic.phantom import SyntheticVolume
 from training.synthetic.spine_ct import generate_spine_ct
 
-__all__ = ["SUPPORTED_TRANSFER_SYNTAXES", "SyntheticStudy", "write_chest_ct_study", "write_ct_series",
-           "write_spine_ct_study"]
+__all__ = ["SUPPORTED_TRANSFER_SYNTAXES", "SyntheticStudy", "ct_datasets", "truth_path", "write_chest_ct_study",
+           "write_ct_series", "write_spine_ct_study"]
 
 SUPPORTED_TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless, JPEG2000Lossless,
                                JPEGLSLossless)
@@ -117,35 +117,25 @@ def _base_dataset(volume: SyntheticVolume, seed: int, study_uid: str, series_uid
     return ds
 
 
-def write_ct_series(
+def ct_datasets(
     volume: SyntheticVolume,
-    out_dir: Path,
     *,
     seed: int,
     series_description: str,
-    transfer_syntax: str = ExplicitVRLittleEndian,
     study_uid: str | None = None,
     patient_id: str | None = None,
-) -> list[Path]:
-    """Write `volume` as one CT Image Storage file per slice, `<out_dir>/CT<NNNN>.dcm`, in slice order.
+) -> list[Dataset]:
+    """`volume` as one CT Image Storage data set per slice, in slice order, with its file meta.
 
-    Stored pixel = HU - RescaleIntercept (-1024), int16. Compressed transfer syntaxes (RLE Lossless,
-    JPEG 2000 lossless, JPEG-LS lossless) use `Dataset.compress()` and need the matching encoder
-    (pylibjpeg-rle / pylibjpeg-openjpeg / pyjpegls); a missing encoder raises RuntimeError.
+    Uncompressed, Explicit VR Little Endian; stored pixel = HU - RescaleIntercept (-1024), int16.
     """
-    if transfer_syntax not in SUPPORTED_TRANSFER_SYNTAXES:
-        raise ValueError(f"unsupported transfer syntax {transfer_syntax}")
-    if transfer_syntax in _COMPRESSED:
-        _check_encoder(transfer_syntax)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     study_uid = study_uid or _uid(seed, volume.body_part, "study")
     series_uid = _uid(seed, study_uid, series_description, "series")
     base = _base_dataset(volume, seed, study_uid, series_uid, patient_id or f"SYN{seed}", series_description)
     stored = (volume.hu.astype(np.int32) - _RESCALE_INTERCEPT).clip(-32768, 32767).astype(np.int16)
     ox, oy, oz = volume.origin
     dz = volume.spacing[0]
-    paths = []
+    datasets = []
     for k in range(volume.hu.shape[0]):
         ds = Dataset()
         ds.update(base)
@@ -160,12 +150,41 @@ def write_ct_series(
         ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
         ds.file_meta.ImplementationClassUID = _IMPLEMENTATION_UID
         ds.file_meta.ImplementationVersionName = "DXGATE_SYNTH"
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.PixelData = np.ascontiguousarray(stored[k]).tobytes()
+        datasets.append(ds)
+    return datasets
+
+
+def write_ct_series(
+    volume: SyntheticVolume,
+    out_dir: Path,
+    *,
+    seed: int,
+    series_description: str,
+    transfer_syntax: str = ExplicitVRLittleEndian,
+    study_uid: str | None = None,
+    patient_id: str | None = None,
+) -> list[Path]:
+    """Write `volume` (see `ct_datasets`) as one file per slice, `<out_dir>/CT<NNNN>.dcm`, in slice order.
+
+    Compressed transfer syntaxes (RLE Lossless, JPEG 2000 lossless, JPEG-LS lossless) use
+    `Dataset.compress()` and need the matching encoder (pylibjpeg-rle / pylibjpeg-openjpeg / pyjpegls);
+    a missing encoder raises RuntimeError.
+    """
+    if transfer_syntax not in SUPPORTED_TRANSFER_SYNTAXES:
+        raise ValueError(f"unsupported transfer syntax {transfer_syntax}")
+    if transfer_syntax in _COMPRESSED:
+        _check_encoder(transfer_syntax)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k, ds in enumerate(ct_datasets(volume, seed=seed, series_description=series_description,
+                                       study_uid=study_uid, patient_id=patient_id)):
         if transfer_syntax in _COMPRESSED:
-            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            ds.compress(transfer_syntax, np.ascontiguousarray(stored[k]))
+            ds.compress(transfer_syntax)
         else:
             ds.file_meta.TransferSyntaxUID = transfer_syntax
-            ds.PixelData = np.ascontiguousarray(stored[k]).tobytes()
         path = out_dir / f"CT{k + 1:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
@@ -182,20 +201,28 @@ def _check_encoder(transfer_syntax: str) -> None:
         raise RuntimeError(f"no encoder for {UID(transfer_syntax).name}: {encoder.missing_dependencies}")
 
 
+def truth_path(out_dir: Path, name: str) -> Path:
+    """Where a study folder's truth file goes: beside it, `chest/` -> `chest.annotations.csv`."""
+    folder = out_dir if out_dir.name else out_dir.resolve()
+    return folder.with_name(f"{folder.name}.{name}")
+
+
 def write_chest_ct_study(
     out_dir: Path, *, seed: int = 0, slices: int = 100, nodules: int = 3, rows: int = 512, spacing=None,  # noqa: ANN001
 ) -> SyntheticStudy:
-    """Generate a chest CT, write its DICOM series and `annotations.csv` (LUNA16 columns).
+    """Generate a chest CT, write its DICOM series and `<out_dir>.annotations.csv` beside it (LUNA16 columns).
 
     annotations.csv: seriesuid,coordX,coordY,coordZ,diameter_mm — one row per nodule, coordinates are
-    the nodule centre in patient LPS mm (the same frame as ImagePositionPatient).
+    the nodule centre in patient LPS mm (the same frame as ImagePositionPatient). The truth file sits
+    beside the folder, so the folder holds DICOM files only (dcmtk's `storescu --scan-directories`
+    stops at any other file).
     """
     out_dir = Path(out_dir)
     volume = generate_chest_ct(seed, slices=slices, nodules=nodules, rows=rows, spacing=spacing)
     files = write_ct_series(volume, out_dir, seed=seed, series_description="Synthetic chest CT")
     study_uid = _uid(seed, volume.body_part, "study")
     series_uid = _uid(seed, study_uid, "Synthetic chest CT", "series")
-    path = out_dir / "annotations.csv"
+    path = truth_path(out_dir, "annotations.csv")
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"])
@@ -207,7 +234,7 @@ def write_chest_ct_study(
 def write_spine_ct_study(
     out_dir: Path, *, seed: int = 0, slices: int = 120, rows: int = 512, spacing=None  # noqa: ANN001
 ) -> SyntheticStudy:
-    """Generate a spine CT, write its DICOM series and VerSe-style `centroids.json`.
+    """Generate a spine CT, write its DICOM series and VerSe-style `<out_dir>.centroids.json` beside it.
 
     centroids.json: `[{"direction": ["L", "P", "S"]}, {"label": 20, "X": .., "Y": .., "Z": ..}, ...]` with
     the VerSe label number and the centroid of that vertebra's voxels in patient LPS millimetres
@@ -222,6 +249,6 @@ def write_spine_ct_study(
     for v in volume.vertebrae:
         x, y, z = v.centroid_mm
         entries.append({"label": v.index, "X": round(x, 3), "Y": round(y, 3), "Z": round(z, 3)})
-    path = out_dir / "centroids.json"
+    path = truth_path(out_dir, "centroids.json")
     path.write_text(json.dumps(entries, indent=1))
     return SyntheticStudy(study_uid, series_uid, files, volume, path)

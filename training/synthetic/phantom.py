@@ -11,43 +11,15 @@ with a one-voxel soft edge so small structures get a realistic partial-volume ri
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from training.synthetic.chest_ct import Nodule
-    from training.synthetic.spine_ct import Vertebra
+from training.synthetic.truth import SyntheticVolume
 
 __all__ = ["Grid", "SyntheticVolume", "grow_tree", "local_box", "noisy_int16", "paint_capsule", "soft_weight"]
 
 AIR_HU = -1000.0
-
-
-@dataclass
-class SyntheticVolume:
-    """A generated CT volume with its ground truth (see module docstring for axes and coordinates)."""
-
-    hu: np.ndarray
-    spacing: tuple[float, float, float]
-    origin: tuple[float, float, float]
-    label_map: np.ndarray
-    nodules: list[Nodule] = field(default_factory=list)
-    vertebrae: list[Vertebra] = field(default_factory=list)
-    body_part: str = "CHEST"
-
-    def voxel_to_patient(self, k: float, r: float, c: float) -> tuple[float, float, float]:
-        """Patient (x, y, z) mm of voxel index (k, r, c)."""
-        sz, sy, sx = self.spacing
-        ox, oy, oz = self.origin
-        return (ox + c * sx, oy + r * sy, oz + k * sz)
-
-    def patient_to_voxel(self, x: float, y: float, z: float) -> tuple[float, float, float]:
-        """Fractional voxel index (k, r, c) of patient point (x, y, z) mm."""
-        sz, sy, sx = self.spacing
-        ox, oy, oz = self.origin
-        return ((z - oz) / sz, (y - oy) / sy, (x - ox) / sx)
 
 
 @dataclass(frozen=True)

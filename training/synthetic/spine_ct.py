@@ -16,13 +16,13 @@ import numpy as np
 
 from training.synthetic.phantom import (
     Grid,
-    SyntheticVolume,
     clip_box,
     local_box,
     noisy_int16,
     paint_capsule,
     soft_weight,
 )
+from training.synthetic.truth import SyntheticVolume, Vertebra
 
 __all__ = ["LEVELS", "Vertebra", "generate_spine_ct"]
 
@@ -38,15 +38,6 @@ SACRUM_H = 95.0
 # only a neighbour's spinous or articular process reaches into the field of view (measured: 0.00-0.35
 # against >= 0.83 for the levels of the window), which no reader would label. The label map keeps them.
 MIN_VISIBLE_FRACTION = 0.5
-
-
-@dataclass(frozen=True)
-class Vertebra:
-    """One vertebra: label "C1".."L5" or "S1" (sacrum), VerSe index, centroid of its voxels (LPS mm)."""
-
-    label: str
-    index: int
-    centroid_mm: tuple[float, float, float]
 
 
 @dataclass(frozen=True)
