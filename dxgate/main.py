@@ -8,7 +8,6 @@ the training stack and the gateway starts without importing torch.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
@@ -20,8 +19,6 @@ from inference.errors import InferenceError
 COMMAND_GROUPS = (serve, config, synth, send, rules, jobs, models, train, evaluate, bench)
 EXIT_ERROR = 2          # a command that could not run as asked
 EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
-
-log = logging.getLogger("dxgate")
 
 
 def build_parser() -> argparse.ArgumentParser:
