@@ -16,7 +16,7 @@ from typing import Any
 
 from benchmarks import common
 from harness.ct import write_chest_study
-from harness.dcmtk import StoreSCP, run_storescu, start_storescp
+from harness.dcmtk import run_storescu, start_storescp
 from harness.gateway import start_gateway, write_config
 from harness.system import StartError
 
@@ -59,10 +59,6 @@ def _measure(target: str, files: list[Path], nbytes: int, port: int, aec: str, a
     return row
 
 
-def _storescp(od: Path, pdu: int, fork: bool) -> StoreSCP:
-    return start_storescp(od, "STORESCP", extra=["-pdu", str(pdu), *(["--fork"] if fork else [])])
-
-
 def run(args: argparse.Namespace, out: Path, info: dict[str, Any]) -> dict[str, Any]:
     slices = args.slices or (6 if args.tiny else 300)
     rows = args.rows or (128 if args.tiny else 512)
@@ -79,7 +75,8 @@ def run(args: argparse.Namespace, out: Path, info: dict[str, Any]) -> dict[str, 
         files = write_chest_study(tmp / "study", slices, rows, seed=1)
         nbytes = sum(f.stat().st_size for f in files)
         for assoc in args.associations:
-            scp = _storescp(tmp / f"storescp-{assoc}", args.pdu, fork=assoc > 1)
+            scp = start_storescp(tmp / f"storescp-{assoc}", "STORESCP",
+                                 extra=["-pdu", str(args.pdu), *(["--fork"] if assoc > 1 else [])])
             try:
                 result["results"].append(_measure("storescp" + (" --fork" if assoc > 1 else ""), files, nbytes,
                                                   scp.port, "STORESCP", assoc, args, repeats, {"fsync": None}))

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from dxgate.common import settings_of
+from dxgate.common import add_config_option, settings_of
 from dxgate.errors import CommandError
+
+CONFIG_HELP = "YAML configuration naming data_dir (the job store)"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,11 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         ja = jsub.add_parser(action, help=what)
         ja.add_argument("id", type=int, help="job id (see `dxgate jobs list`)")
         actions.append(ja)
-    for ja in actions:  # `dxgate jobs replay 7 --config F` as well as `dxgate jobs --config F replay 7`
-        ja.add_argument("--config", type=Path, default=argparse.SUPPRESS, metavar="FILE",
-                        help="YAML configuration naming data_dir (the job store)")
-    sp.add_argument("--config", type=Path, default=None, metavar="FILE",
-                    help="YAML configuration naming data_dir (the job store)")
+    for ja in actions:
+        add_config_option(ja, argparse.SUPPRESS, CONFIG_HELP)
+    add_config_option(sp, None, CONFIG_HELP)
     sp.set_defaults(func=run)
 
 

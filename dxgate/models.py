@@ -16,9 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     msub = sp.add_subparsers(dest="action", metavar="{list,doc}", help="list (the default) or doc")
     listing = msub.add_parser("list", help="one line per model: name, version, task, modality, weights hash, use")
     doc = msub.add_parser("doc", help="write docs/models/NAME.md from each model card (models/NAME/metadata.json)")
-    for action in (listing, doc):  # `dxgate models doc --config F` as well as `dxgate models --config F doc`
-        action.add_argument("--config", type=Path, default=argparse.SUPPRESS, metavar="FILE",
-                            help="YAML configuration naming models_dir")
+    for action in (listing, doc):
+        add_config_option(action, argparse.SUPPRESS, "YAML configuration naming models_dir")
     doc.add_argument("names", nargs="*", metavar="NAME", help="models to write (default: every model in models_dir)")
     doc.add_argument("--out", type=Path, default=DOCS_DIR, metavar="DIR",
                      help=f"folder for the pages (default {DOCS_DIR})")

@@ -33,11 +33,12 @@ def _timeouts(timeout_s: float) -> list[str]:
     return ["-to", t, "-ta", t, "-td", t]
 
 
-def run_echoscu(port: int, called_ae: str, calling_ae: str = "ECHOSCU", timeout_s: float = 5.0,
-            host: str = "127.0.0.1") -> subprocess.CompletedProcess[str]:
+def run_echoscu(port: int, called_ae: str, calling_ae: str = "ECHOSCU",
+                timeout_s: float = 5.0) -> subprocess.CompletedProcess[str]:
     """C-ECHO (Verification, PS3.7 9.1.5) with dcmtk echoscu; the completed process, never raises."""
     return subprocess.run([system_tool("echoscu"), *_timeouts(timeout_s), "-aet", calling_ae, "-aec", called_ae,
-                           host, str(port)], capture_output=True, text=True, env=dcmtk_env(), timeout=timeout_s + 10)
+                           "127.0.0.1", str(port)], capture_output=True, text=True, env=dcmtk_env(),
+                          timeout=timeout_s + 10)
 
 
 def wait_for_echo(port: int, called_ae: str, timeout_s: float = 20.0, calling_ae: str = "ECHOSCU",

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from pydicom.uid import Comprehensive3DSRStorage, GrayscaleSoftcopyPresentationStateStorage, SegmentationStorage
 
 from harness.dcmtk import wait_for_echo
 from harness.system import StartError, free_port, log_tail, stop_process
@@ -22,10 +23,9 @@ from harness.system import StartError, free_port, log_tail, stop_process
 REPO = Path(__file__).resolve().parents[1]
 
 # What the gateway sends back (PS3.4 B.5).
-SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"      # Comprehensive 3D SR Storage
-SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"      # Segmentation Storage
-GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"     # Grayscale Softcopy Presentation State Storage
-SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"          # Secondary Capture Image Storage
+SR_CLASS = Comprehensive3DSRStorage
+SEG_CLASS = SegmentationStorage
+GSPS_CLASS = GrayscaleSoftcopyPresentationStateStorage
 
 DEFAULT_RULES = [
     {"name": "chest-ct-nodules", "match": {"modality": ["CT"], "body_part": ["CHEST"]},

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.system import StartError, free_port, stop_process, system_tool
+from harness.system import StartError, free_port, log_tail, stop_process, system_tool
 
 FORWARD_LUA = """
 function OnStableStudy(studyId, tags, metadata)
@@ -50,14 +50,6 @@ class RunningOrthanc:
         req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=body, method="POST")
         with urllib.request.urlopen(req, timeout=60) as r:
             return json.loads(r.read())
-
-    def upload_folder(self, folder: Path) -> int:
-        """Put a study into the PACS through its REST API (as a modality would over DICOM)."""
-        n = 0
-        for f in sorted(folder.glob("*.dcm")):
-            self.post("/instances", f.read_bytes())
-            n += 1
-        return n
 
     def study_series_modalities(self, study_uid: str) -> list[str]:
         found = self.post("/tools/find", json.dumps({"Level": "Study", "Query": {"StudyInstanceUID": study_uid}})
@@ -102,7 +94,7 @@ def start_orthanc(root: Path, dxgate_ae: str, dxgate_port: int, stable_age: int 
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise StartError(f"Orthanc exited: {(root / 'orthanc.log').read_text(errors='replace')[-3000:]}")
+            raise StartError(f"Orthanc exited: {log_tail(root / 'orthanc.log', 3000)}")
         try:
             orthanc.get("/system")
             return orthanc

@@ -36,7 +36,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.system import free_port
+from harness.system import free_port, log_tail
 
 
 class TritonUnavailable(RuntimeError):
@@ -137,7 +137,7 @@ def serve_onnx_model(
         deadline = time.monotonic() + startup_timeout_s
         while not _ready(endpoints.http_url, model_name):
             if proc.poll() is not None or time.monotonic() > deadline:
-                tail = log.read_text(errors="replace")[-2000:] if log_path else "(no log kept)"
+                tail = log_tail(log_path, 2000) if log_path else "(no log kept)"
                 raise TritonUnavailable(f"tritonserver did not become ready (exit={proc.poll()}):\n{tail}")
             time.sleep(0.25)
         yield endpoints

@@ -15,31 +15,24 @@ def port() -> int:
     return free_port()
 
 
-def require_tool(name: str) -> str:
-    """A system tool (dcmtk, dicom3tools, Orthanc), never the virtualenv's same-named pynetdicom script."""
-    try:
-        return system_tool(name)
-    except ToolMissing as exc:
-        pytest.skip(str(exc))
+# The harness's own lookup: a missing tool raises ToolMissing, which the hooks below turn into a skip.
+require_tool = system_tool
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
-    """A harness call that needs a tool which is not installed skips the test instead of failing it."""
+def _skip_when_a_tool_is_missing() -> Generator[None, None, None]:
+    """A test, or any fixture it sets up, that needs a tool which is not installed is skipped, not failed.
+
+    Wrapping the setup phase (not each fixture's setup) also skips the later tests of a module- or
+    session-scoped fixture, whose cached ToolMissing is raised again outside `pytest_fixture_setup`.
+    """
     try:
-        return (yield)
+        yield
     except ToolMissing as exc:
         pytest.skip(str(exc))
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_fixture_setup(fixturedef: pytest.FixtureDef,
-                         request: pytest.FixtureRequest) -> Generator[None, object, object]:
-    """The same for a fixture that starts a tool."""
-    try:
-        return (yield)
-    except ToolMissing as exc:
-        pytest.skip(str(exc))
+pytest_runtest_setup = pytest_runtest_call = _skip_when_a_tool_is_missing
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -79,8 +79,6 @@ class TrainConfig(StrictModel):
         return 1 if self.task == "lung-nodule" else 1 + len(SPINE_LEVELS)
 
 
-def load_config(path: Path, **overrides: Any) -> TrainConfig:
-    """Read a YAML training config; `overrides` replace top-level keys."""
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    raw.update(overrides)
-    return TrainConfig.model_validate(raw)
+def load_config(path: Path) -> TrainConfig:
+    """Read a YAML training config."""
+    return TrainConfig.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")) or {})

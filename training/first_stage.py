@@ -16,6 +16,7 @@ from monai.inferers import sliding_window_inference
 
 from inference.backends.onnxruntime_backend import OnnxRuntimeBackend
 from training.config import TrainConfig
+from training.device import training_device
 from training.export import export_onnx
 from training.losses import loss_description
 from training.register import card_fields_for, register_model
@@ -105,7 +106,7 @@ def first_stage_fields(cfg: TrainConfig, result: TrainResult, command: str) -> d
                 "type": "monai.networks.nets.UNet", "channels": list(cfg.channels),
                 "num_res_units": cfg.num_res_units},
             "command": command, "seconds": round(result.seconds),
-            "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "device": training_device().type,
             "precision": training_precision(cfg),
             "loss": loss_description(cfg),
             "checkpoint": "best validation Dice",

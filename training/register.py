@@ -187,7 +187,6 @@ def declare_stages(folder: Path, stages: Sequence[Mapping[str, Any]]) -> Path:
     tmp = folder / ".metadata.json.tmp"
     tmp.write_text(json.dumps(fields, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     tmp.replace(folder / "metadata.json")
-    load_model(folder)
     return folder
 
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from training.config import TrainConfig
 from training.datasets import generate_dataset
-from training.device import cpu_has_bf16
+from training.device import cpu_has_bf16, training_device
 from training.losses import make_loss
 from training.networks import build_network
 from training.run_log import TrainingLog, logged_seconds
@@ -212,7 +212,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     set_determinism(seed=cfg.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = training_device()
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     run = _start_run(cfg, device, start)

@@ -47,7 +47,7 @@ def is_success(status: int | None) -> bool:
 
 @dataclass
 class SendReport:
-    """Outcome of `send_folder`: counts and the status of every file (None = no response)."""
+    """Outcome of `send_paths`: counts and the status of every file (None = no response)."""
 
     sent: int = 0
     failed: int = 0
@@ -170,12 +170,6 @@ def store_datasets_or_files(paths: Sequence[Path], destination: Destination, cal
         raise DeliveryError(f"association to {destination.name} ({destination.ae_title}@{destination.host}:"
                             f"{destination.port}) was aborted during C-STORE")
     return [(p, 0x0110 if s is None else s) for p, s in results]
-
-
-def send_folder(folder: Path, host: str, port: int, called_ae: str, calling_ae: str = "DXGATE_SCU",
-                max_pdu: int = 0, timeout_s: float = 30.0) -> SendReport:
-    """C-STORE every readable DICOM Part 10 file under `folder` (recursive) in one association."""
-    return send_paths([folder], host, port, called_ae, calling_ae, max_pdu, timeout_s)
 
 
 def send_paths(paths: Sequence[Path], host: str, port: int, called_ae: str, calling_ae: str = "DXGATE_SCU",

@@ -51,14 +51,15 @@ class Deliveries:
                 state = DeliveryState.PENDING if retry_at is not None else DeliveryState.DEAD
                 move_delivery(db, job_id, destination, state, attempted=True, last_error=error,
                               next_attempt_at=retry_at or now)
-            states = [r["state"] for r in db.execute("SELECT state FROM deliveries WHERE job_id=?", (job_id,))]
+            rows = db.execute("SELECT destination, state FROM deliveries WHERE job_id=? ORDER BY destination",
+                              (job_id,)).fetchall()
+            states = [r["state"] for r in rows]
             if DeliveryState.PENDING in states:
                 return
             if all(s == DeliveryState.SENT for s in states):
                 _settle_done(db, job_id, now)
             else:
-                dead = [r["destination"] for r in db.execute(
-                    "SELECT destination FROM deliveries WHERE job_id=? AND state=?", (job_id, DeliveryState.DEAD))]
+                dead = [r["destination"] for r in rows if r["state"] == DeliveryState.DEAD]
                 move_job(db, job_id, JobState.FAILED, stage=Stage.SEND,
                          detail=f"undeliverable to {', '.join(dead)}: {error}")
 

@@ -1,4 +1,4 @@
-"""C-STORE SCU: `send_folder` into dcmtk storescp, per-file statuses, unreachable peers, context limits."""
+"""C-STORE SCU: `send_paths` of a folder into dcmtk storescp, per-file statuses, unreachable peers, context limits."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RLELossless
 from dicom_gateway.errors import DeliveryError
 from dicom_gateway.receive.scp import StorageSCP
 from dicom_gateway.receive.spool import Spool
-from dicom_gateway.send.scu import MAX_CONTEXTS, AssociationFailedError, _contexts_for, _File, send_folder
+from dicom_gateway.send.scu import MAX_CONTEXTS, AssociationFailedError, _contexts_for, _File, send_paths
 from dicom_gateway.send.scu import store_datasets_or_files as store_files
 from dicom_gateway.settings import Destination, Settings
 from dicom_gateway.store import Store
@@ -28,8 +28,8 @@ def test_send_folder_into_storescp(tmp_path: Path) -> None:
     files.append(write_ct(folder / "series2" / "rle.dcm", transfer_syntax=RLELossless))
     (folder / "README.txt").write_text("not DICOM")
     with storescp(tmp_path / "received") as peer:
-        report = send_folder(folder, "127.0.0.1", peer.port, peer.ae_title, calling_ae="DXGATE_SCU",
-                             timeout_s=10)
+        report = send_paths([folder], "127.0.0.1", peer.port, peer.ae_title, calling_ae="DXGATE_SCU",
+                            timeout_s=10)
         received = peer.files()
     assert (report.sent, report.failed) == (4, 0), str(report)
     assert report.skipped == [folder / "README.txt"]
@@ -44,7 +44,7 @@ def test_unreachable_peer_raises_quickly(tmp_path: Path) -> None:
     write_ct_series(tmp_path, 1)
     t0 = time.monotonic()
     with pytest.raises(AssociationFailedError):
-        send_folder(tmp_path, "127.0.0.1", free_port(), "NOBODY", timeout_s=2)
+        send_paths([tmp_path], "127.0.0.1", free_port(), "NOBODY", timeout_s=2)
     dest = Destination(name="down", ae_title="NOBODY", host="127.0.0.1", port=free_port())
     with pytest.raises(DeliveryError):
         store_files(list(tmp_path.glob("*.dcm")), dest, "DXGATE", timeout_s=2)

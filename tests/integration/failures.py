@@ -73,8 +73,7 @@ def spooled_sops(gw: RunningGateway) -> set[str]:
 
 def received_sops(scp: StoreSCP) -> Counter[str]:
     """How many times the destination received each SOP Instance UID (storescp -uf keeps duplicates)."""
-    return Counter(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
-                   for p in scp.out_dir.rglob("*") if p.is_file())
+    return Counter(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in scp.files())
 
 
 def clone_study(files: list[Path], out: Path, *, limit: int | None = None, **attributes: Any) -> tuple[str, list[Path]]:

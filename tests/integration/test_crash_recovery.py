@@ -13,7 +13,7 @@ import pytest
 
 from harness.dcmtk import DCMTK_ENV, StoreSCP, storescu
 from harness.gateway import SR_CLASS, RunningGateway, start_gateway, write_config
-from tests.conftest import require_tool
+from harness.system import system_tool
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -45,7 +45,7 @@ def test_sigkill_during_receive_and_during_job(tmp_path: Path, chest_study, gate
     cfg = write_config(tmp_path, gateway_models, destinations=[dest])
     gw = start_gateway(cfg)
     folder = chest_study.files[0].parent
-    sender = subprocess.Popen([require_tool("storescu"), "-v", "-aet", "PACS", "-aec", "DXGATE",
+    sender = subprocess.Popen([system_tool("storescu"), "-v", "-aet", "PACS", "-aec", "DXGATE",
                                "--scan-directories", "--scan-pattern", "*.dcm", "127.0.0.1", str(gw.dicom_port),
                                str(folder)],
                               env=DCMTK_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -11,15 +11,14 @@ import pytest
 from harness.dcmtk import DCMTK_ENV, storescu
 from harness.gateway import start_gateway, write_config
 from harness.orthanc import start_orthanc
-from harness.system import free_port
-from tests.conftest import require_tool
+from harness.system import free_port, system_tool
 
 pytestmark = pytest.mark.integration
 
 
 def test_orthanc_forwards_stable_study_and_gets_results_back(tmp_path: Path, chest_study,
                                                               gateway_models: Path) -> None:
-    require_tool("storescu")
+    system_tool("storescu")
     orthanc_dicom = free_port()
     dest = {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc_dicom, "overlay": "gsps"}
     cfg = write_config(tmp_path, gateway_models, destinations=[dest], allowed_calling_aes=["ORTHANC", "PACS"])
@@ -52,7 +51,7 @@ def test_orthanc_forwards_stable_study_and_gets_results_back(tmp_path: Path, che
             jobs = gw.api("/jobs")
         assert [j["state"] for j in jobs] == ["DONE"]  # re-forwarding the study makes no second job
         # The forwarded study arrived from ORTHANC, an allowed AE; an unknown AE is refused at association.
-        echo = subprocess.run([require_tool("echoscu"), "-aet", "INTRUDER", "-aec", "DXGATE", "127.0.0.1",
+        echo = subprocess.run([system_tool("echoscu"), "-aet", "INTRUDER", "-aec", "DXGATE", "127.0.0.1",
                                str(gw.dicom_port)], capture_output=True, text=True, env=DCMTK_ENV)
         assert echo.returncode != 0
         assert "Rejected" in echo.stderr + echo.stdout or "rejected" in (echo.stderr + echo.stdout).lower()

@@ -21,6 +21,7 @@ from inference.postprocess import source_components, sphere_diameter_mm
 from inference.second_stage import SUPPRESS_MM, candidate_groups, group_centre
 from training.metrics.froc import LUNA16_FP_RATES, froc_cpm, match_scan
 from training.metrics.plots import plot_froc
+from training.scoring.heldout import truths_of
 
 Prediction = tuple[tuple[float, float, float], float]
 
@@ -52,10 +53,6 @@ def source_voxels(prob: np.ndarray, info: Any, volume: Any, labels: np.ndarray, 
         out[k] = (values[order], np.asarray(volume.voxels[box][mask], dtype=np.float32)[order],
                   volume.index_to_patient(index[order].astype(float)))
     return out
-
-
-def _truths(entries: list[dict[str, Any]]) -> list[list[tuple[Any, float]]]:
-    return [[(n["centre_mm"], n["diameter_mm"]) for n in e["nodules"]] for e in entries]
 
 
 def _union(rows: list[dict[str, Any]]) -> list[list[Prediction]]:
@@ -192,7 +189,7 @@ def served_curve(rows: list[dict[str, Any]], entries: list[dict[str, Any]], floo
     `max_fp_per_scan` false positives per scan (lower ones cannot change the sensitivity at that rate or below).
     The thresholds are where a mark appears or goes (blob probabilities, `ServedCase.changes`); `limits` as in
     `served_findings`."""
-    truths = _truths(entries)
+    truths = truths_of(entries)
     cases = [ServedCase.of(r) for r in rows]
     probs = {float(p) for c in cases for p in [*c.changes(limits), *c.blob_probability.tolist()] if p >= floor}
     ts = np.asarray(sorted(probs, reverse=True), dtype=float)
@@ -256,7 +253,7 @@ def figures(rows: list[dict[str, Any]], entries: list[dict[str, Any]], threshold
     """Held-out figures: the FROC / CPM of the gateway's output swept over its threshold (`served_curve`, the
     headline), of the raw candidate union (every component and blob a mark, no suppression), of the first stage
     alone, and the operating point as served at `threshold`."""
-    truths = _truths(entries)
+    truths = truths_of(entries)
     curve = served_curve(rows, entries, floor, limits=limits)
     both = froc_cpm(_union(rows), truths)
     alone = froc_cpm([[(tuple(c), p) for c, p in r["components"]] for r in rows], truths)
