@@ -20,9 +20,9 @@ from pydantic_settings import (
 )
 
 from dicom_gateway.errors import ConfigError
+from dicom_gateway.settings_security import AE_TITLE_PATTERN, AllowedAE, ApiToken, Limits, TlsSettings, is_loopback
 
 ENV_PREFIX = "DXGATE_"
-AE_TITLE_PATTERN = r"^[\x20-\x5b\x5d-\x7e]{1,16}$"  # PS3.5 6.2: AE, 16 chars, no backslash
 
 
 class _Strict(BaseModel):
@@ -40,6 +40,8 @@ class Destination(_Strict):
     """Fallback for viewers that render neither SR nor SEG: GSPS or a burned-in secondary capture."""
     send_sr: bool = True
     send_seg: bool = True
+    tls: bool = False
+    """C-STORE over TLS (PS3.15 B), the peer verified against `tls.ca_file` (or the system's CAs)."""
 
 
 class Range(_Strict):
@@ -77,6 +79,8 @@ class WorkerSettings(_Strict):
     count: int = Field(default=1, ge=1, le=16)
     lease_s: float = Field(default=600.0, gt=0)
     poll_interval_s: float = Field(default=0.2, gt=0)
+    max_crashes: int = Field(default=3, ge=1)
+    """A job that was RUNNING when the process died this many times in a row ends FAILED (no crash loop)."""
 
 
 class BackendSettings(_Strict):
@@ -111,18 +115,32 @@ class Settings(BaseSettings):
 
     ae_title: str = Field(default="DXGATE", pattern=AE_TITLE_PATTERN)
     bind_address: str = "127.0.0.1"
-    dicom_port: int = Field(default=11112, ge=1, le=65535)
+    dicom_port: int = Field(default=11112, ge=0, le=65535)
+    """Plain TCP port of the SCP; 0 = none (TLS only, `tls.port`)."""
+    tls: TlsSettings | None = None
+    http_bind_address: str = "127.0.0.1"
     http_port: int = Field(default=8080, ge=0, le=65535)
+    http_allowed_hosts: list[str] = Field(default_factory=lambda: ["localhost", "127.0.0.1", "::1"])
+    """Host header values the API answers (plus http_bind_address); anything else gets 400."""
+    api_tokens: list[ApiToken] = Field(default_factory=list)
+    """Bearer tokens of the API; empty = one admin token generated into data_dir at first start."""
+    insecure: bool = False
+    """Allow a non-loopback bind_address with neither TLS nor an allow-list (not recommended)."""
     data_dir: Path = Path("./var")
     models_dir: Path = Path("./models")
-    allowed_calling_aes: list[str] = Field(default_factory=list)
+    allowed_calling_aes: list[str | AllowedAE] = Field(default_factory=list)
+    """Calling AE titles allowed to associate, each optionally bound to hosts; empty = any."""
     destinations: list[Destination] = Field(default_factory=list)
     rules: list[Rule] = Field(default_factory=default_rules)
     quiet_seconds: float = Field(default=2.0, ge=0)
     quiet_seconds_by_ae: dict[str, float] = Field(default_factory=dict)
     fsync: bool = True
     max_associations: int = Field(default=16, ge=1)
-    max_pdu: int = Field(default=0, ge=0)  # 0 = unlimited (PS3.8 D.3.3.2.1)
+    max_pdu: int = Field(default=262144, ge=4096, le=16 * 1024 * 1024)
+    """Largest P-DATA PDU we accept (PS3.8 D.3.3.2.1); a larger one aborts the association."""
+    abort_grace_seconds: float = Field(default=30.0, ge=0)
+    """After an aborted association, wait this long for the sender's retry before judging completeness."""
+    limits: Limits = Limits()
     tcp_nodelay: bool = True
     min_free_disk_mb: int = Field(default=512, ge=0)
     network_timeout_s: float = Field(default=60.0, gt=0)
@@ -136,13 +154,18 @@ class Settings(BaseSettings):
 
     @field_validator("allowed_calling_aes")
     @classmethod
-    def _ae_titles(cls, v: list[str]) -> list[str]:
+    def _ae_titles(cls, v: list[str | AllowedAE]) -> list[str | AllowedAE]:
         import re
 
         for ae in v:
-            if not re.match(AE_TITLE_PATTERN, ae):
+            if isinstance(ae, str) and not re.match(AE_TITLE_PATTERN, ae):
                 raise ValueError(f"{ae!r} is not a valid AE title (1-16 characters, no backslash)")
         return v
+
+    @property
+    def calling_aes(self) -> list[AllowedAE]:
+        """The allow-list with plain AE titles as entries for any host."""
+        return [AllowedAE(ae_title=a) if isinstance(a, str) else a for a in self.allowed_calling_aes]
 
     @model_validator(mode="after")
     def _cross_references(self) -> Settings:
@@ -153,7 +176,27 @@ class Settings(BaseSettings):
             for dest in rule.destinations:
                 if dest not in names:
                     raise ValueError(f"rule {rule.name!r} names unknown destination {dest!r}")
+        if self.dicom_port == 0 and self.tls is None:
+            raise ValueError("dicom_port: 0 (no plain listener) needs tls: {port, cert_file, key_file}")
+        if self.tls is not None and self.tls.port == self.dicom_port:
+            raise ValueError(f"tls.port and dicom_port are both {self.dicom_port}; give TLS its own port")
+        if self.tls is not None and self.tls.require_client_cert and self.tls.ca_file is None:
+            raise ValueError("tls.require_client_cert needs tls.ca_file (the CAs that sign client certificates)")
+        if any(d.tls for d in self.destinations) and self.tls is None:
+            raise ValueError("a destination with tls: true needs tls: {cert_file, key_file, ca_file} for the "
+                             "sender's identity and the CAs it trusts")
+        if self.exposed_without_protection:
+            raise ValueError(
+                f"bind_address {self.bind_address} accepts DICOM from the network with neither "
+                "allowed_calling_aes nor tls; set allowed_calling_aes (AE titles, bound to hosts), or "
+                "tls: {port, cert_file, key_file}, or insecure: true to accept any caller")
         return self
+
+    @property
+    def exposed_without_protection(self) -> bool:
+        """A non-loopback DICOM listener with neither an allow-list nor TLS, and not marked insecure."""
+        return (not is_loopback(self.bind_address) and not self.insecure and self.tls is None
+                and not self.allowed_calling_aes)
 
     # -- derived paths -------------------------------------------------------------------------
     @property

@@ -184,4 +184,23 @@ def instance_record(ds: Dataset, *, path: Path | str, size: int, transfer_syntax
         instance_number=_int(ds, "InstanceNumber"),
         rows=_int(ds, "Rows"),
         columns=_int(ds, "Columns"),
+        images_in_acquisition=_int(ds, "ImagesInAcquisition"),
+        slice_position=slice_position(_get(ds, "ImageOrientationPatient"), _get(ds, "ImagePositionPatient")),
     )
+
+
+def slice_position(iop: Sequence[Any] | None, ipp: Sequence[Any] | None) -> float | None:
+    """Image Position (Patient) projected on the slice normal, mm (PS3.3 C.7.6.2.1.1); None if unusable."""
+    try:
+        o = [float(x) for x in iop] if iop is not None else []
+        p = [float(x) for x in ipp] if ipp is not None else []
+    except (TypeError, ValueError):
+        return None
+    if len(o) != 6 or len(p) != 3 or not all(math.isfinite(x) for x in o + p):
+        return None
+    r, c = o[:3], o[3:]
+    n = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
+    norm = math.sqrt(sum(x * x for x in n))
+    if norm < 1e-6:
+        return None
+    return sum(a * b for a, b in zip(n, p, strict=True)) / norm

@@ -54,8 +54,31 @@ V1_TABLES = (
 )""",
 )
 
+V2_SAFETY = (
+    # a re-sent SOP instance is compared by content; a different one is kept as a conflict
+    "ALTER TABLE instances ADD COLUMN content_sha256 TEXT",
+    # completeness evidence from the headers: Images in Acquisition, position along the slice normal (mm)
+    "ALTER TABLE instances ADD COLUMN images_in_acquisition INTEGER",
+    "ALTER TABLE instances ADD COLUMN slice_position REAL",
+    """CREATE TABLE IF NOT EXISTS instance_conflicts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, sop_instance_uid TEXT NOT NULL, study_uid TEXT NOT NULL,
+    series_uid TEXT NOT NULL, path TEXT NOT NULL, size INTEGER NOT NULL, content_sha256 TEXT NOT NULL,
+    stored_sha256 TEXT, calling_ae TEXT, association_id INTEGER, received_at REAL NOT NULL
+)""",
+    "CREATE INDEX IF NOT EXISTS instance_conflicts_study ON instance_conflicts(study_uid)",
+    "ALTER TABLE associations ADD COLUMN called_ae TEXT",
+    "ALTER TABLE associations ADD COLUMN tls INTEGER NOT NULL DEFAULT 0",
+    # consecutive times the process died while this job was RUNNING (crash-loop guard)
+    "ALTER TABLE jobs ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0",
+    # who asked for a transition (an API token's name, or "cli") where a person did
+    "ALTER TABLE job_events ADD COLUMN actor TEXT",
+    # SOP Instance UIDs a destination acknowledged, so a resend after a crash skips them
+    "ALTER TABLE deliveries ADD COLUMN sent_uids TEXT NOT NULL DEFAULT '[]'",
+)
+
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     V1_TABLES,  # 1: associations, studies, instances, jobs, job_events, deliveries
+    V2_SAFETY,  # 2: content hashes and conflicts, completeness evidence, crash counts, actors, acked UIDs
 )
 """Migration N is MIGRATIONS[N-1]: the SQL statements that take a database from version N-1 to N."""
 

@@ -38,6 +38,9 @@ class InstanceRecord:
     instance_number: int | None = None
     rows: int | None = None
     columns: int | None = None
+    content_sha256: str | None = None  # of the data set bytes as received (file meta excluded)
+    images_in_acquisition: int | None = None  # (0020,1002), where the sender gives it
+    slice_position: float | None = None  # ImagePositionPatient along the slice normal, mm
 
 
 class Associations:
@@ -69,7 +72,8 @@ class Associations:
 
 _INSTANCE_COLUMNS = ("sop_instance_uid", "sop_class_uid", "study_uid", "series_uid", "transfer_syntax", "path",
                      "size", "calling_ae", "association_id", "modality", "body_part", "series_description",
-                     "series_number", "slice_thickness", "orientation", "instance_number", "rows", "columns")
+                     "series_number", "slice_thickness", "orientation", "instance_number", "rows", "columns",
+                     "content_sha256", "images_in_acquisition", "slice_position")
 
 
 class Instances:

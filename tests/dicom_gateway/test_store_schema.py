@@ -11,7 +11,7 @@ from dicom_gateway.errors import GatewayError, SchemaVersionError
 from dicom_gateway.store import SCHEMA_VERSION, InstanceRecord, Store
 from dicom_gateway.store.schema import MIGRATIONS, V1_TABLES
 
-TABLES = {"associations", "studies", "instances", "jobs", "job_events", "deliveries"}
+TABLES = {"associations", "studies", "instances", "jobs", "job_events", "deliveries", "instance_conflicts"}
 
 
 def _version(path: Path) -> int:
@@ -44,17 +44,20 @@ def test_empty_file_is_upgraded_to_the_current_version(tmp_path: Path) -> None:
     assert _version(path) == SCHEMA_VERSION
 
 
-def test_version_1_file_from_before_versioning_opens_unchanged(tmp_path: Path) -> None:
+def test_version_1_file_from_before_versioning_keeps_its_rows(tmp_path: Path) -> None:
     path = tmp_path / "jobs.sqlite3"
     with sqlite3.connect(path) as conn:  # as the store wrote it before it recorded a version
         for statement in V1_TABLES:
             conn.execute(statement)
         conn.execute("INSERT INTO studies(study_uid, state, epoch, first_received_at, last_received_at)"
                      " VALUES ('1.2.3', 'ROUTED', 2, 1.0, 2.0)")
-    before = _dump(path)
+    before = [line for line in _dump(path) if line.startswith("INSERT")]
     store = Store(path, durable=False)
-    assert _version(path) == 1
-    assert _dump(path) == before  # same tables, indexes and rows
+    assert _version(path) == SCHEMA_VERSION
+    with sqlite3.connect(path) as conn:  # version 1's rows kept, later migrations' columns added
+        assert conn.execute("SELECT study_uid, state, epoch FROM studies").fetchall() == [("1.2.3", "ROUTED", 2)]
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(instances)")}
+    assert len(before) == 1 and {"content_sha256", "images_in_acquisition", "slice_position"} <= columns
     assert dict(store.studies.get("1.2.3"))["epoch"] == 2
     assert store.instances.record(InstanceRecord(  # a late instance reopens the study with a new epoch
         sop_instance_uid="1.2.3.1.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.2", study_uid="1.2.3",
