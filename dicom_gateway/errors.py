@@ -35,6 +35,10 @@ class JobStateError(StateError):
     """A job transition not allowed by JOB_TRANSITIONS, or a job that is not in the state expected."""
 
 
+class LeaseLostError(JobStateError):
+    """A worker wrote to a job whose lease another worker has taken over: its results are dropped."""
+
+
 class StudyStateError(StateError):
     """A study state change not allowed by STUDY_TRANSITIONS."""
 
@@ -55,6 +59,10 @@ class DeliveryError(GatewayError):
     """A destination refused or could not be reached for a C-STORE."""
 
 
+class DatasetTooLargeError(GatewayError):
+    """A received data set (or its inflated Deflate stream) is over limits.max_dataset_mb (status 0xA700)."""
+
+
 # PS3.4 Annex B.2.3 / C.4.2.1.5 status codes used by the Storage SCP.
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
@@ -67,7 +75,7 @@ def dimse_status(exc: BaseException | None) -> int:
     """The one place an exception becomes a C-STORE response status."""
     if exc is None:
         return STATUS_SUCCESS
-    if isinstance(exc, SpoolFullError):
+    if isinstance(exc, SpoolFullError | DatasetTooLargeError):
         return STATUS_OUT_OF_RESOURCES
     if isinstance(exc, OSError) and exc.errno == 28:  # ENOSPC: the disk filled during the write
         return STATUS_OUT_OF_RESOURCES

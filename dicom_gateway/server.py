@@ -1,8 +1,10 @@
 """`dxgate serve`: one process running the SCP, assembly/routing, worker(s), sender and the HTTP API.
 
-Start-up recovers from a crash: temp files in the spool are removed, associations left open are
-closed (they can never be released), RUNNING jobs are requeued. Every loop reads and writes only the
-job store and the spool, so a SIGKILL at any moment loses nothing that was acknowledged.
+Start-up recovers from a crash (`Gateway._recover`): partial and unrecorded spool files are removed,
+associations left open are closed (they can never be released), RUNNING jobs are requeued (or FAILED
+once they have crashed the worker `worker.max_crashes` times), stray outbox files are removed. Every
+loop reads and writes only the job store and the spool, so a SIGKILL at any moment loses nothing that
+was acknowledged.
 """
 
 from __future__ import annotations
@@ -10,14 +12,17 @@ from __future__ import annotations
 import logging
 import shutil
 import signal
+import sys
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dicom_gateway.assemble.completeness import mark_ready_studies, route_ready_studies
 from dicom_gateway.errors import ConfigError
 from dicom_gateway.logs import configure_logging
 from dicom_gateway.settings import Settings
+from dicom_gateway.settings_security import ApiToken
 from dicom_gateway.store import Store
 from dicom_gateway.work.worker import LoadedModel, Worker
 from inference.backends.base import Backend
@@ -37,7 +42,12 @@ log = logging.getLogger("dxgate.server")
 
 def load_models(settings: Settings) -> dict[str, LoadedModel]:
     """Every model under models_dir with a warm backend, each runner built as its card composes it (a model whose
-    card declares later stages runs those stages' models too); a broken model folder refuses start."""
+    card declares later stages runs those stages' models too); a broken model folder refuses start. Every runner
+    and device preprocessor is bounded by the `limits:` settings (slices, voxels, model grid)."""
+    from inference.limits import VolumeLimits
+
+    limits = VolumeLimits(max_slices=settings.limits.max_slices, max_voxels=settings.limits.max_voxels,
+                          max_model_grid_voxels=settings.limits.max_model_grid_voxels)
     try:
         found = discover_models(settings.models_dir)
     except InferenceError as exc:
@@ -53,12 +63,12 @@ def load_models(settings: Settings) -> dict[str, LoadedModel]:
         except InferenceError as exc:
             raise ConfigError(f"model {name}: backend {kind} cannot start: {exc}") from exc
         use_device = opts is None or opts.device_preprocess
-        preprocessors[name] = device_preprocessor_for(backends[name]) if use_device else None
+        preprocessors[name] = device_preprocessor_for(backends[name], limits) if use_device else None
         log.info("model loaded", extra={"model": name, "reason": f"version {model.version} backend {kind}"})
     loaded: dict[str, LoadedModel] = {}
     for name, model in found.items():
         try:
-            runner = build_runner(model, found, backends, preprocessor=preprocessors[name])
+            runner = build_runner(model, found, backends, preprocessor=preprocessors[name], limits=limits)
         except InferenceError as exc:
             raise ConfigError(f"model {name}: {exc}") from exc
         loaded[name] = LoadedModel(model=model, runner=runner)
@@ -95,12 +105,7 @@ class Gateway:
 
         s = self.settings
         self.spool = Spool(s.spool_dir, fsync=s.fsync, min_free_bytes=s.min_free_disk_bytes)
-        self.spool.cleanup_temp()
-        closed = self.store.associations.close_stale()
-        requeued = self.store.jobs.requeue_orphans()
-        if closed or requeued:
-            log.warning("recovered after an unclean stop: %d association(s) closed, %d job(s) requeued",
-                        closed, requeued)
+        self._recover()
         self.models = load_models(s)
         if s.receivers > 1:  # after close_stale_associations(): receivers' associations are live ones
             from dicom_gateway.receive.receivers import ReceiverPool
@@ -117,6 +122,37 @@ class Gateway:
             self._spawn(f"worker-{n}", worker.run_forever, self._stop)
         self._spawn("sender", self.sender.run_forever, self._stop)
         log.info("dxgate listening", extra={"reason": f"AE {s.ae_title} port {s.dicom_port} http {s.http_port}"})
+
+    def _recover(self) -> None:
+        """Before any component runs: undo what an unclean stop left half-done.
+
+        Temp files and spool files with no instance row (a crash between the fsync and the commit: the peer
+        got no success status and sends again) are removed; associations left open are closed; RUNNING jobs
+        count a crash and are requeued, or end FAILED at worker.max_crashes; outbox files no job records
+        are removed. Deliveries resume from `sent_uids` (only what was not acknowledged is sent again)."""
+        from dicom_gateway.work.outbox import remove_unreferenced
+
+        s = self.settings
+        self.spool.cleanup_temp()
+        recorded = self.store.db.query("SELECT sop_instance_uid, path FROM instances"
+                                       " UNION SELECT sop_instance_uid, path FROM instance_conflicts")
+        paths = {str(Path(r["path"]).absolute()) for r in recorded}
+        uids = {r["sop_instance_uid"] for r in recorded}
+        unrecorded = [p for p in self.spool.instance_files() if str(p.absolute()) not in paths and p.stem not in uids]
+        for p in unrecorded:
+            self.spool.remove(p)
+        closed = self.store.associations.close_stale()
+        requeued, failed = self.store.jobs.recover_orphans(s.worker.max_crashes)
+        for job_id in failed:
+            log.error("job failed: the worker died while running it %d times", s.worker.max_crashes,
+                      extra={"job_id": job_id, "state": "FAILED"})
+        outputs = {p if Path(p).is_absolute() else str(s.outbox_dir / p) for p in self.store.jobs.output_paths()}
+        stray = remove_unreferenced(s.outbox_dir, {Path(p) for p in outputs})
+        if unrecorded or closed or requeued or failed or stray:
+            log.warning("recovered after an unclean stop: %d unrecorded spool file(s) removed, %d association(s)"
+                        " closed, %d job(s) requeued, %d failed (crash loop), %d stray outbox file(s) removed",
+                        len(unrecorded), closed, len(requeued), len(failed), stray,
+                        extra={"count": len(unrecorded) + closed + len(requeued) + len(failed) + stray})
 
     def _spawn(self, name: str, target, *args) -> None:  # noqa: ANN001
         t = threading.Thread(target=target, args=args, name=name, daemon=True)
@@ -163,8 +199,24 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
+def api_tokens(settings: Settings) -> list[ApiToken]:
+    """The API's bearer tokens: `api_tokens`, or the local admin token in `<data_dir>/api-token`, generated and
+    printed once (to stderr, never to the log) at the first start."""
+    from dicom_gateway.api.auth import TOKEN_FILE, api_tokens_for
+
+    tokens, generated = api_tokens_for(settings.api_tokens, settings.data_dir)
+    path = settings.data_dir / TOKEN_FILE
+    if generated is not None:
+        print(f"API token (admin) written to {path}: {generated}  (send it as `Authorization: Bearer <token>`;"
+              " shown only at this first start)", file=sys.stderr, flush=True)
+    elif not settings.api_tokens:
+        log.info("API token (admin) read from the token file", extra={"reason": str(path)})
+    return tokens
+
+
 def serve(settings: Settings) -> int:
-    """Run until SIGINT/SIGTERM. The HTTP API runs in the main thread (uvicorn handles the signals)."""
+    """Run until SIGINT/SIGTERM. The HTTP API runs in the main thread (uvicorn handles the signals), on
+    `http_bind_address`, behind bearer tokens (`api_tokens`)."""
     import uvicorn
 
     from dicom_gateway.api.app import create_app
@@ -176,8 +228,8 @@ def serve(settings: Settings) -> int:
     gateway = Gateway(settings)
     gateway.start()
     try:
-        app = create_app(settings, gateway.store, gateway.readiness)
-        config = uvicorn.Config(app, host=settings.bind_address, port=settings.http_port, log_config=None,
+        app = create_app(settings, gateway.store, gateway.readiness, api_tokens(settings))
+        config = uvicorn.Config(app, host=settings.http_bind_address, port=settings.http_port, log_config=None,
                                 access_log=False)
         uvicorn.Server(config).run()
     finally:

@@ -1,4 +1,4 @@
-"""`dxgate jobs list|show|replay`: inspect the job store and replay a failed or finished job."""
+"""`dxgate jobs list|show|replay|rerun`: inspect the job store, replay or re-run a failed or finished job."""
 
 from __future__ import annotations
 
@@ -9,17 +9,19 @@ from dxgate.common import add_config_option, settings_of
 from dxgate.errors import CommandError
 
 CONFIG_HELP = "YAML configuration naming data_dir (the job store)"
+CLI_ACTOR = "cli"  # the actor recorded in the job's event, as an API replay records its token's name
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    sp = sub.add_parser("jobs", help="list, show and replay jobs", description=__doc__)
-    jsub = sp.add_subparsers(dest="action", required=True, metavar="{list,show,replay}")
+    sp = sub.add_parser("jobs", help="list, show, replay and re-run jobs", description=__doc__)
+    jsub = sp.add_subparsers(dest="action", required=True, metavar="{list,show,replay,rerun}")
     jl = jsub.add_parser("list", help="the newest jobs, one line each")
     jl.add_argument("--state", default=None, help="only jobs in this state (QUEUED, RUNNING, ..., FAILED)")
     jl.add_argument("--limit", type=int, default=50, help="at most this many jobs (default 50)")
     actions = [jl]
     for action, what in (("show", "one job with its events and deliveries, as JSON"),
-                         ("replay", "re-send a job's results, or re-run it when it failed before encoding")):
+                         ("replay", "re-send a job's results, or re-run it when it failed before encoding"),
+                         ("rerun", "run a failed or finished job's inference again, even when it has results")):
         ja = jsub.add_parser(action, help=what)
         ja.add_argument("id", type=int, help="job id (see `dxgate jobs list`)")
         actions.append(ja)
@@ -55,6 +57,9 @@ def run(args: argparse.Namespace) -> int:
         job["deliveries"] = [dict(d) for d in store.deliveries.of_job(args.id)]
         print(json.dumps(job, indent=2, default=str))
         return 0
-    new_state = store.jobs.replay(args.id)
+    if args.action == "rerun":
+        new_state = store.jobs.rerun(args.id, actor=CLI_ACTOR)
+    else:
+        new_state = store.jobs.replay(args.id, actor=CLI_ACTOR)
     print(f"job {args.id} -> {new_state}")
     return 0

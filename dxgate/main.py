@@ -1,4 +1,4 @@
-"""The `dxgate` command: serve, config, synth, send, rules, jobs, models, train, evaluate, bench.
+"""The `dxgate` command: serve, config, token, synth, send, rules, jobs, models, train, evaluate, bench.
 
 `main` is the one place where an error becomes a message on stderr and an exit status: subcommands
 raise. Command modules import their heavy dependencies when they run, so `dxgate send` works without
@@ -12,11 +12,11 @@ import sys
 from collections.abc import Sequence
 
 from dicom_gateway.errors import GatewayError
-from dxgate import __version__, bench, config, evaluate, jobs, models, rules, send, serve, synth, train
+from dxgate import __version__, bench, config, evaluate, jobs, models, rules, send, serve, synth, token, train
 from dxgate.errors import CommandError
 from inference.errors import InferenceError
 
-COMMAND_GROUPS = (serve, config, synth, send, rules, jobs, models, train, evaluate, bench)
+COMMAND_GROUPS = (serve, config, token, synth, send, rules, jobs, models, train, evaluate, bench)
 EXIT_ERROR = 2          # a command that could not run as asked
 EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
 

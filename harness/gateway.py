@@ -1,9 +1,16 @@
-"""`python -m dxgate serve --config FILE` as a real subprocess on free loopback ports; its API; its stop."""
+"""`python -m dxgate serve --config FILE` as a real subprocess on free loopback ports; its API; its stop.
+
+`write_config` configures an admin API token of its own (kept beside the config as `<name>.token`), which
+`RunningGateway.api` sends; a config with its own `api_tokens` (or none, as `api_tokens=None` asks) is used
+with the token file the gateway generates in its data_dir.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -34,10 +41,28 @@ DEFAULT_RULES = [
 ]
 
 
-def api_get(http_port: int, path: str, timeout_s: float = 10.0) -> Any:
+def new_api_token(name: str = "harness", role: str = "admin") -> tuple[str, dict[str, str]]:
+    """A fresh bearer token and its `api_tokens` entry ({name, role, sha256})."""
+    token = secrets.token_urlsafe(32)
+    return token, {"name": name, "role": role, "sha256": hashlib.sha256(token.encode()).hexdigest()}
+
+
+def api_request(http_port: int, path: str, token: str | None, method: str = "GET",
+                timeout_s: float = 10.0) -> urllib.request.Request:
+    """A request to the gateway's API on 127.0.0.1, with `Authorization: Bearer <token>` when a token is given."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return urllib.request.Request(f"http://127.0.0.1:{http_port}{path}", method=method, headers=headers)
+
+
+def api_get(http_port: int, path: str, token: str | None = None, timeout_s: float = 10.0) -> Any:
     """GET a JSON body from the gateway's API on 127.0.0.1 (urllib raises on 4xx/5xx)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}{path}", timeout=timeout_s) as r:
+    with urllib.request.urlopen(api_request(http_port, path, token), timeout=timeout_s) as r:
         return json.loads(r.read())
+
+
+def token_path(config: Path) -> Path:
+    """Where write_config keeps the token it configured: beside the config, `<name>.token`."""
+    return config.with_suffix(".token")
 
 
 @dataclass
@@ -51,13 +76,15 @@ class RunningGateway:
     http_port: int
     log_path: Path
     ae_title: str = "DXGATE"
+    token: str | None = None
+    """The bearer token `api` sends: write_config's, else the one the gateway generated in its data_dir."""
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
     def api(self, path: str) -> Any:
-        return api_get(self.http_port, path)
+        return api_get(self.http_port, path, self.token)
 
     def log(self) -> str:
         return log_tail(self.log_path, chars=None)
@@ -92,7 +119,10 @@ def write_config(tmp: Path, models_dir: Path, *, destinations: list[dict] | None
 
     By default chest CT routes to lung_nodule_ct and spine CT to spine_vertebrae_ct (`rules=[]` for none),
     a study is complete after 1 s of quiet, and the sender retries quickly; `extra` overrides any setting.
+    Unless `extra` names `api_tokens`, one admin token is configured and kept in `token_path(config)`;
+    `api_tokens=None` leaves them out (the gateway then generates `<data_dir>/api-token`).
     """
+    token, entry = new_api_token()
     cfg = {
         "ae_title": "DXGATE",
         "bind_address": "127.0.0.1",
@@ -107,12 +137,28 @@ def write_config(tmp: Path, models_dir: Path, *, destinations: list[dict] | None
         "rules": DEFAULT_RULES,
         "sender": {"max_attempts": 8, "backoff_initial_s": 0.5, "backoff_max_s": 2.0, "timeout_s": 10},
         "log_format": "json",
+        "api_tokens": [entry],
         **extra,
     }
+    if cfg["api_tokens"] is None:
+        del cfg["api_tokens"]
     tmp.mkdir(parents=True, exist_ok=True)
     path = tmp / "dxgate.yaml"
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    token_file = token_path(path)
+    if cfg.get("api_tokens") == [entry]:
+        token_file.write_text(token + "\n", encoding="utf-8")
+    else:
+        token_file.unlink(missing_ok=True)
     return path
+
+
+def token_for(config: Path, data_dir: Path) -> str | None:
+    """The token to call a gateway of this config with: write_config's, else the gateway's generated one."""
+    for path in (token_path(config), data_dir / "api-token"):
+        if path.is_file():
+            return path.read_text(encoding="utf-8").strip()
+    return None
 
 
 def _answers(gw: RunningGateway, path: str) -> bool:
@@ -145,6 +191,7 @@ def start_gateway(config: Path, timeout: float = 90.0, env: dict[str, str] | Non
             if time.monotonic() > deadline:
                 raise StartError(f"dxgate not {until} in {timeout}s:\n{gw.log()[-4000:]}")
             time.sleep(0.25)
+        gw.token = token_for(config, gw.data_dir)
         if until == "healthy":
             wait_for_echo(gw.dicom_port, gw.ae_title, timeout_s=max(1.0, deadline - time.monotonic()),
                           alive=lambda: proc.poll() is None)

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 
 from inference.backends.base import Backend
 from inference.errors import ModelCardError
+from inference.limits import DEFAULT_LIMITS, VolumeLimits
 from inference.model_card import ModelCard, StageSpec
 from inference.model_repo import RegisteredModel
 from inference.pipeline import LaterStage, ModelRunner, Preprocessor
@@ -49,9 +50,9 @@ def stage_models(card: ModelCard) -> list[str]:
 
 def build_runner(model: RegisteredModel, models: Mapping[str, RegisteredModel], backends: Mapping[str, Backend], *,
                  preprocessor: Preprocessor | None = None, blend_mode: str = "gaussian",
-                 first_stage_only: bool = False) -> ModelRunner:
+                 first_stage_only: bool = False, limits: VolumeLimits = DEFAULT_LIMITS) -> ModelRunner:
     """The runner of `model` as its card composes it, from the discovered `models` and their warm `backends` (by
-    name; `backends[model.name]` runs the model's own weights).
+    name; `backends[model.name]` runs the model's own weights), bounded by `limits` (`ModelRunner`).
 
     A composition whose later stage names a model that is not installed (or has no backend) runs the model alone at
     its own thresholds, with a warning; so does `first_stage_only`.
@@ -59,12 +60,12 @@ def build_runner(model: RegisteredModel, models: Mapping[str, RegisteredModel], 
     card = model.card
     backend = backends[model.name]
     if first_stage_only or not card.stages:
-        return ModelRunner(model, backend, blend_mode=blend_mode, preprocessor=preprocessor)
+        return ModelRunner(model, backend, blend_mode=blend_mode, preprocessor=preprocessor, limits=limits)
     missing = [name for name in stage_models(card) if name not in models or name not in backends]
     if missing:
         log.warning("model %s: stage model(s) %s not installed; it runs alone at its own thresholds", model.name,
                     ", ".join(missing))
-        return ModelRunner(model, backend, blend_mode=blend_mode, preprocessor=preprocessor)
+        return ModelRunner(model, backend, blend_mode=blend_mode, preprocessor=preprocessor, limits=limits)
     later = []
     for spec in card.stages[1:]:
         builder = STAGE_KINDS[spec.kind]
@@ -73,7 +74,7 @@ def build_runner(model: RegisteredModel, models: Mapping[str, RegisteredModel], 
         name = str(spec.model)
         later.append(builder(spec, models[name], backends[name]))
     runner = ModelRunner(model, backend, blend_mode=blend_mode, preprocessor=preprocessor, stages=later,
-                         probability=card.stages[0].probability)
+                         probability=card.stages[0].probability, limits=limits)
     log.info("model %s composed of %s", model.name, describe(runner))
     return runner
 

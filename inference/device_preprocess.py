@@ -15,8 +15,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from inference.limits import DEFAULT_LIMITS, VolumeLimits
 from inference.model_card import ModelCard
-from inference.preprocess import PreprocessError, ResampleInfo, resampled_shape
+from inference.preprocess import PreprocessError, ResampleInfo, model_grid_shape
 from inference.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -77,12 +78,15 @@ def build_graph(volume_dtype: np.dtype) -> bytes:
 
 
 class DevicePreprocessor:
-    """`preprocess(volume, card)` with the resampling and windowing done by ONNX Runtime on `providers`."""
+    """`preprocess(volume, card)` with the resampling and windowing done by ONNX Runtime on `providers`; the model
+    grid is checked against `limits` before anything is sent to the device."""
 
-    def __init__(self, providers: Sequence[str | tuple[str, dict]] | None = None) -> None:
+    def __init__(self, providers: Sequence[str | tuple[str, dict]] | None = None,
+                 limits: VolumeLimits = DEFAULT_LIMITS) -> None:
         import onnxruntime as ort
 
         wanted = list(providers) if providers else [_CUDA, "CPUExecutionProvider"]
+        self.limits = limits
         self._ort = ort
         self._providers = wanted
         self._sessions: dict[str, ort.InferenceSession] = {}
@@ -106,8 +110,8 @@ class DevicePreprocessor:
         low, high = (float(v) for v in card.input.window)
         if not high > low:
             raise PreprocessError(f"window high ({high}) must exceed low ({low})")
+        out_shape = model_grid_shape(volume, card, self.limits)
         src = volume.voxels if volume.voxels.dtype in (np.int16, np.float32) else volume.voxels.astype(np.float32)
-        out_shape = resampled_shape(src.shape, volume.spacing, target)
         mats = [interpolation_matrix(n, m, t / s)
                 for n, m, s, t in zip(src.shape, out_shape, volume.spacing, target, strict=True)]
         feeds = {"hu": np.ascontiguousarray(src), "az": mats[0], "ay": mats[1], "ax": mats[2],
@@ -119,15 +123,16 @@ class DevicePreprocessor:
         return image, ResampleInfo.of(volume, target, image.shape)
 
 
-def device_preprocessor_for(backend: object) -> DevicePreprocessor | None:
-    """A DevicePreprocessor when `backend` is an ONNX Runtime session on CUDA / TensorRT, else None."""
+def device_preprocessor_for(backend: object, limits: VolumeLimits = DEFAULT_LIMITS) -> DevicePreprocessor | None:
+    """A DevicePreprocessor (checking `limits`) when `backend` is an ONNX Runtime session on CUDA / TensorRT, else
+    None."""
     from inference.backends.onnxruntime_backend import GPU_PROVIDERS
 
     providers = getattr(backend, "providers", None)
     if not providers or providers[0] not in GPU_PROVIDERS:
         return None
     try:
-        pre = DevicePreprocessor()
+        pre = DevicePreprocessor(limits=limits)
         if pre.providers[0] != "CUDAExecutionProvider":
             return None
     except Exception as exc:  # no usable CUDA provider for the small graph: keep the scipy path

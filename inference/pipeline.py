@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -19,11 +20,14 @@ import numpy as np
 from inference.backends.base import Backend
 from inference.errors import BackendError, InferenceError, VolumeError
 from inference.findings import Algorithm, Finding, InferenceResult, algorithm_of
+from inference.limits import DEFAULT_LIMITS, VolumeLimits
 from inference.model_card import ModelCard
 from inference.model_pass import model_logits
 from inference.model_repo import RegisteredModel
+from inference.plausibility import check_ct_values
 from inference.postprocess import PostprocessError, postprocess
 from inference.preprocess import PreprocessError, ResampleInfo, preprocess
+from inference.redaction import redact
 from inference.volume import Volume, load_series
 
 log = logging.getLogger(__name__)
@@ -49,8 +53,8 @@ def _stage(name: str, seconds: dict[str, float]) -> Iterator[None]:
         if exc.stage == name or isinstance(exc, _STAGE_ERRORS[name]):
             raise
         raise _STAGE_ERRORS[name](f"{name}: {exc}") from exc
-    except Exception as exc:
-        raise _STAGE_ERRORS[name](f"{name}: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # third-party text (pydicom, decoders) may quote attribute values: redacted
+        raise _STAGE_ERRORS[name](f"{name}: {type(exc).__name__}: {redact(str(exc))}") from exc
     finally:
         seconds[name] = time.perf_counter() - start
 
@@ -76,16 +80,18 @@ class ModelRunner:
     """Runs one registered model on one series with a warm backend (the backends are owned by the caller).
 
     `stages` run after the model's own segmentation, in order; `probability`, when given, replaces the card's
-    `thresholds.probability` for the segmentation (the composed threshold, `ModelCard.stages`).
+    `thresholds.probability` for the segmentation (the composed threshold, `ModelCard.stages`). `limits` bound
+    the volume it loads and the model grid of the default preprocessor (a given one checks its own).
     """
 
     def __init__(self, model: RegisteredModel, backend: Backend, blend_mode: str = "gaussian",
                  preprocessor: Preprocessor | None = None, stages: Sequence[LaterStage] = (),
-                 probability: float | None = None) -> None:
+                 probability: float | None = None, limits: VolumeLimits = DEFAULT_LIMITS) -> None:
         self.model = model
         self.backend = backend
         self.blend_mode = blend_mode
-        self.preprocessor: Preprocessor = preprocessor or preprocess   # e.g. DevicePreprocessor on CUDA
+        self.limits = limits
+        self.preprocessor: Preprocessor = preprocessor or partial(preprocess, limits=limits)  # or e.g. on CUDA
         self.stages = list(stages)
         self.probability = probability
 
@@ -100,12 +106,17 @@ class ModelRunner:
         return [algorithm_of(self.model.card), *(s.algorithm for s in self.stages)]
 
     def run(self, paths: Sequence[Path], progress: Callable[[str], None] | None = None) -> InferenceResult:
-        """Load, preprocess, infer and postprocess one series; `stage_seconds` has one entry per stage."""
+        """Load, preprocess, infer and postprocess one series; `stage_seconds` has one entry per stage.
+
+        At load, a CT model refuses a series labelled CT whose values are not HU of a body
+        (`inference.plausibility.check_ct_values`)."""
         card = self.card
         _refuse_a_stage_alone(card)
         seconds: dict[str, float] = {}
         with _stage("load", seconds):
-            volume = load_series(paths, expected_modality=card.modality)
+            volume = load_series(paths, expected_modality=card.modality, limits=self.limits)
+            if volume.modality == "CT" and "CT" in card.modality:
+                check_ct_values(volume.voxels)
         if progress:
             progress("load")
         return self.run_volume(volume, progress, seconds)

@@ -15,6 +15,7 @@ import numpy as np
 from scipy import ndimage
 
 from inference.errors import InferenceError
+from inference.limits import DEFAULT_LIMITS, VolumeLimits
 from inference.model_card import ModelCard
 from inference.volume import Volume
 
@@ -148,8 +149,25 @@ def window(arr: np.ndarray, low: float, high: float, out: np.ndarray | None = No
     return out
 
 
-def preprocess(volume: Volume, card: ModelCard) -> tuple[np.ndarray, ResampleInfo]:
-    """Volume -> model input [Z, Y, X] float32 in [0, 1] on the card's grid, plus the inverse mapping."""
+def model_grid_shape(volume: Volume, card: ModelCard, limits: VolumeLimits = DEFAULT_LIMITS) -> tuple[int, int, int]:
+    """The shape of `volume` on `card`'s grid; refuses one beyond `limits.max_model_grid_voxels` before anything
+    is resampled (fine model spacings turn a large volume into many more voxels)."""
+    shape = resampled_shape(volume.shape, volume.spacing, card.input.spacing_mm)
+    voxels = int(np.prod(shape, dtype=np.int64))
+    if voxels > limits.max_model_grid_voxels:
+        raise PreprocessError(
+            f"model grid too large: the volume at {tuple(card.input.spacing_mm)} mm is {shape[0]}x{shape[1]}x"
+            f"{shape[2]} = {voxels:,} voxels, more than the limit of {limits.max_model_grid_voxels:,} "
+            "(limits.max_model_grid_voxels)")
+    return shape
+
+
+def preprocess(volume: Volume, card: ModelCard, limits: VolumeLimits = DEFAULT_LIMITS
+               ) -> tuple[np.ndarray, ResampleInfo]:
+    """Volume -> model input [Z, Y, X] float32 in [0, 1] on the card's grid, plus the inverse mapping.
+
+    The model grid is checked against `limits` first (`model_grid_shape`)."""
+    model_grid_shape(volume, card, limits)
     target = tuple(float(s) for s in card.input.spacing_mm)
     image = resample(volume.voxels, volume.spacing, target, order=1)   # a new array: windowing in place is safe
     window(image, *card.input.window, out=image)

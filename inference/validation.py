@@ -2,6 +2,8 @@
 
 `validate_output` is the gate between encoding and the outbox: an object that dciodvfy reports an
 error for, or that does not read back with the same key content, raises `ValidationFailedError`.
+dciodvfy's lines and pydicom's and highdicom's messages quote attribute values (a birth date): reports and
+errors carry them redacted (`inference.redaction.redact`), attribute names and the kind of error kept.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pydicom.uid import (
 )
 
 from inference.errors import ValidationFailedError
+from inference.redaction import redact
 
 DCIODVFY = "dciodvfy"
 DCIODVFY_TIMEOUT_S = 120.0
@@ -66,7 +69,7 @@ def dciodvfy_available() -> bool:
 
 
 def dciodvfy(ds_or_path: pydicom.Dataset | str | os.PathLike[str]) -> ValidationReport:
-    """Run dciodvfy on a dataset (written to a temporary file) or a file; parse Error/Warning lines.
+    """Run dciodvfy on a dataset (written to a temporary file) or a file; parse Error/Warning lines (redacted).
 
     Raises DciodvfyNotInstalledError when dciodvfy is missing, ValidationFailedError when it aborts.
     """
@@ -92,12 +95,12 @@ def _run_dciodvfy(exe: str, path: Path) -> ValidationReport:
     for line in (proc.stdout + "\n" + proc.stderr).splitlines():
         line = line.strip()
         if line.startswith("Abort"):
-            raise ValidationFailedError(f"dciodvfy aborted: {line}")
+            raise ValidationFailedError(f"dciodvfy aborted: {redact(line)}")
         if line.startswith("Error"):
             why = next((reason for pattern, reason in KNOWN_DCIODVFY_LIMITATIONS if pattern.search(line)), None)
-            (report.allowed if why else report.errors).append(line)
+            (report.allowed if why else report.errors).append(redact(line))
         elif line.startswith("Warning") and not _PRIVATE_SCHEME_WARNING.search(line):
-            report.warnings.append(line)
+            report.warnings.append(redact(line))
     report.ok = not report.errors
     return report
 
@@ -112,7 +115,7 @@ def roundtrip(ds: pydicom.Dataset) -> None:
         ds.save_as(buffer, enforce_file_format=True)
         back = pydicom.dcmread(io.BytesIO(buffer.getvalue()))
     except Exception as exc:  # any writer/reader failure means the object is unusable
-        raise ValidationFailedError(f"pydicom cannot write/read the object: {exc}") from exc
+        raise ValidationFailedError(f"pydicom cannot write/read the object: {redact(str(exc))}") from exc
     for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID"):
         if str(back.get(keyword, "")) != str(ds.get(keyword, "")):
             raise ValidationFailedError(f"{keyword} changed in the round trip")
@@ -129,7 +132,7 @@ def roundtrip(ds: pydicom.Dataset) -> None:
     except ValidationFailedError:
         raise
     except Exception as exc:  # highdicom raises many types when parsing fails
-        raise ValidationFailedError(f"highdicom cannot read the object back: {exc}") from exc
+        raise ValidationFailedError(f"highdicom cannot read the object back: {redact(str(exc))}") from exc
 
 
 def _check_sr(ds: pydicom.Dataset, data: bytes) -> None:

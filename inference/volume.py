@@ -26,9 +26,14 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, pixel_array
 
+from inference.codestream import check_frame_size
 from inference.errors import VolumeError, WrongModalityError
+from inference.limits import DEFAULT_LIMITS, VolumeLimits
+from inference.plausibility import check_finite, check_pixel_spacing, check_slice_spacing, rescale
+from inference.redaction import redact
 
 log = logging.getLogger(__name__)
 
@@ -97,14 +102,23 @@ def _read_header(path: Path) -> Dataset:
     try:
         return dcmread(path, defer_size=_DEFER)
     except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-        raise VolumeError(f"{Path(path).name}: not a readable DICOM file ({exc})") from exc
+        raise VolumeError(f"{Path(path).name}: not a readable DICOM file ({redact(str(exc))})") from exc
 
 
 def _floats(ds: Dataset, keyword: str, n: int, path: Path) -> np.ndarray:
+    """`n` finite numbers of `keyword` (Image Plane Module, PS3.3 C.7.6.2), or a VolumeError naming it."""
     value = ds.get(keyword)
-    if value is None or len(value) != n:
-        raise VolumeError(f"{path.name}: {keyword} missing or malformed (PS3.3 C.7.6.2)")
-    return np.asarray([float(v) for v in value], dtype=np.float64)
+    if value is None or value == "":
+        raise VolumeError(f"{path.name}: {keyword} missing (PS3.3 C.7.6.2); every slice of a volume needs it")
+    items = value if isinstance(value, (list, tuple, MultiValue)) else [value]
+    try:
+        numbers = [float(v) for v in items]
+    except (TypeError, ValueError):
+        raise VolumeError(f"{path.name}: {keyword} is not a list of numbers (PS3.3 C.7.6.2)") from None
+    if len(numbers) != n:
+        raise VolumeError(f"{path.name}: {keyword} has {len(numbers)} values, expected {n} (PS3.3 C.7.6.2)")
+    check_finite(numbers, keyword, path.name)
+    return np.asarray(numbers, dtype=np.float64)
 
 
 def _check_same(headers: list[_Header], keyword: str) -> str:
@@ -132,6 +146,7 @@ def _validate_geometry(
     first = datasets[0]
     row_col = _floats(first, "ImageOrientationPatient", 6, Path(paths[0]))
     pixel_spacing = _floats(first, "PixelSpacing", 2, Path(paths[0]))
+    check_pixel_spacing((float(pixel_spacing[0]), float(pixel_spacing[1])), Path(paths[0]).name)
     rows, cols = int(first.get("Rows", 0)), int(first.get("Columns", 0))
     normal = np.cross(row_col[:3], row_col[3:])
     if not np.isclose(np.linalg.norm(normal), 1.0, atol=1e-3):
@@ -186,6 +201,7 @@ def _slice_spacing(headers: list[_Header]) -> float:
             f"irregular slice spacing: {steps[i]:.3f} mm between sorted slices {i} and {i + 1} "
             f"(median {median:.3f} mm); missing or extra slices?"
         )
+    check_slice_spacing(median)
     return median
 
 
@@ -201,37 +217,42 @@ def _check_not_sheared(headers: list[_Header], normal: np.ndarray, pixel: tuple[
 _INT16 = np.iinfo(np.int16)
 
 
-def _integral_rescale(ds: Dataset) -> bool:
+def _integral_rescale(h: _Header) -> bool:
     """True when HU = stored * slope + intercept stays integral (slope, intercept whole numbers; no LUT)."""
-    if "ModalityLUTSequence" in ds:
+    if "ModalityLUTSequence" in h.ds:
         return False
-    slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+    slope, intercept = rescale(h.ds, h.path.name)
     return slope.is_integer() and intercept.is_integer()
 
 
 def _decode_hu(h: _Header) -> np.ndarray:
     """HU of one slice (PS3.3 C.11.1 Modality LUT / C.7.6.16.2.9 rescale): int32 when exact, else float32."""
+    check_frame_size(h.path, str(h.ds.file_meta.get("TransferSyntaxUID", "")))   # a decoder allocates what it declares
     try:
         raw = pixel_array(h.path)
     except Exception as exc:  # decoder plugins raise many types (RuntimeError, ValueError, ...)
-        raise VolumeError(f"{h.path.name}: pixel data cannot be decoded ({type(exc).__name__}: {exc})") from exc
+        raise VolumeError(f"{h.path.name}: pixel data cannot be decoded "
+                          f"({type(exc).__name__}: {redact(str(exc))})") from exc
     if "ModalityLUTSequence" in h.ds:
         return np.asarray(apply_modality_lut(raw, h.ds), dtype=np.float32)
-    slope = float(h.ds.get("RescaleSlope", 1) or 1)
-    intercept = float(h.ds.get("RescaleIntercept", 0) or 0)
-    if _integral_rescale(h.ds):
+    slope, intercept = rescale(h.ds, h.path.name)
+    if _integral_rescale(h):
         return raw.astype(np.int32) * int(slope) + int(intercept)
     return raw.astype(np.float32) * np.float32(slope) + np.float32(intercept)
 
 
-def load_series(paths: Sequence[Path], expected_modality: Sequence[str] | None = None) -> Volume:
+def load_series(paths: Sequence[Path], expected_modality: Sequence[str] | None = None,
+                limits: VolumeLimits = DEFAULT_LIMITS) -> Volume:
     """Read one single-frame image series into an HU volume (int16 when exact, else float32) sorted along
     the slice normal.
 
-    Raises WrongModalityError when Modality is not in `expected_modality` and VolumeError for mixed
-    series, missing or duplicate positions, irregular gaps, a single slice, or undecodable pixels.
+    Raises WrongModalityError when Modality is not in `expected_modality` and VolumeError for a series
+    beyond `limits` (checked before any pixel is decoded), mixed series, missing, non-finite or implausible
+    geometry or rescale, duplicate positions, irregular gaps, a single slice, or undecodable pixels.
     """
+    limits.check_slices(len(paths))
     datasets = _read_headers(paths)
+    limits.check_voxels(len(datasets), int(datasets[0].get("Rows", 0) or 0), int(datasets[0].get("Columns", 0) or 0))
     modality = _check_modality_all(datasets, expected_modality)
     if len(datasets) < 2:
         raise VolumeError("a volume needs at least 2 slices; got 1")
@@ -247,7 +268,7 @@ def load_series(paths: Sequence[Path], expected_modality: Sequence[str] | None =
 
     rows, cols = int(headers[0].ds.Rows), int(headers[0].ds.Columns)
     # int16 HU when every slice maps exactly (the usual CT: 12-bit stored values, slope 1): half the memory
-    exact = all(_integral_rescale(h.ds) for h in headers)
+    exact = all(_integral_rescale(h) for h in headers)
     voxels = np.empty((len(headers), rows, cols), dtype=np.int16 if exact else np.float32)
     for i, h in enumerate(headers):
         hu = _decode_hu(h)

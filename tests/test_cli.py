@@ -78,7 +78,7 @@ def test_every_option_and_command_has_help() -> None:
 
 
 @pytest.mark.parametrize("command", ["", "serve", "config", "synth", "send", "rules", "jobs", "jobs replay",
-                                     "models", "models doc", "train", "evaluate"])
+                                     "jobs rerun", "token", "token new", "models", "models doc", "train", "evaluate"])
 def test_help_prints_and_exits_zero(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_cli(capsys, *command.split(), "--help")
     assert code == 0 and out.startswith("usage: dxgate"), out
@@ -266,6 +266,41 @@ def test_jobs_list_show_replay(populated: tuple[Path, int, int], capsys: pytest.
     assert "QUEUED" in out  # no outputs yet: replay runs the job again
     code, _, err = run_cli(capsys, "jobs", "--config", cfg, "replay", str(queued))
     assert code == 2 and "QUEUED" in err, err  # only FAILED or DONE jobs can be replayed
+    code, out, err = run_cli(capsys, "jobs", "--config", cfg, "show", str(failed))
+    assert json.loads(out)["events"][-1]["actor"] == "cli", out  # the replay names who asked for it
+
+
+def test_jobs_rerun(populated: tuple[Path, int, int], capsys: pytest.CaptureFixture[str]) -> None:
+    cfg, queued, failed = populated
+    code, out, err = run_cli(capsys, "jobs", "rerun", str(failed), "--config", cfg)
+    assert code == 0 and out.strip() == f"job {failed} -> QUEUED", err
+    event = json.loads(run_cli(capsys, "jobs", "show", str(failed), "--config", cfg)[1])["events"][-1]
+    assert (event["to_state"], event["detail"], event["actor"]) == ("QUEUED", "rerun", "cli")
+    code, _, err = run_cli(capsys, "jobs", "rerun", str(queued), "--config", cfg)
+    assert code == 2 and "QUEUED" in err, err
+
+
+# -- token ----------------------------------------------------------------------------------------
+def test_token_new_prints_a_token_and_the_entry_that_accepts_it(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    import hashlib
+
+    from dicom_gateway.api.auth import TokenBook
+
+    code, out, err = run_cli(capsys, "token", "new", "ris-viewer", "--role", "operate")
+    assert code == 0, err
+    token = re.search(r"^token: (\S+)$", out, re.M).group(1)
+    entry = yaml.safe_load(out)["api_tokens"][0]
+    assert entry == {"name": "ris-viewer", "role": "operate", "sha256": hashlib.sha256(token.encode()).hexdigest()}
+    assert token not in yaml.safe_dump(entry) and not list(tmp_path.iterdir())  # nothing stored
+    settings = load_settings(write_cfg(tmp_path, api_tokens=[entry]))
+    assert TokenBook(settings.api_tokens).identify(token).role == "operate"
+    again = run_cli(capsys, "token", "new", "ris-viewer", "--role", "operate")[1]
+    assert re.search(r"^token: (\S+)$", again, re.M).group(1) != token
+    code, _, err = run_cli(capsys, "token", "new", "no spaces allowed")
+    assert code == 2 and "no spaces allowed" in err, err
+    code, _, err = run_cli(capsys, "token", "new", "x", "--role", "root")
+    assert code == 2 and "invalid choice" in err, err
 
 
 def test_jobs_without_a_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

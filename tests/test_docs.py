@@ -13,9 +13,9 @@ from inference.model_doc import card_markdown, model_dirs
 from tests.doc_blocks import REPO, commands, newcomer_dir, sh_blocks, venv_env
 
 DOCS = sorted([REPO / "README.md", REPO / "datasets" / "README.md", *(REPO / "docs").rglob("*.md")])
-# Commands quick enough to run here; the others (train, evaluate, serve, bench, make, docker) are parsed only,
+# Commands quick enough to run here; the others (train, evaluate, serve, jobs, bench, make, docker) are parsed only,
 # and the README's "Try it" block runs against a real gateway in tests/integration/test_readme.py.
-RUNNABLE = {"config", "models", "rules", "synth", "--help", "--version"}
+RUNNABLE = {"config", "models", "rules", "synth", "token", "--help", "--version"}
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 
 

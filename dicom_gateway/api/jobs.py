@@ -1,12 +1,15 @@
-"""/jobs: list, one job's detail (inputs, outputs, history, timings, deliveries), replay."""
+"""/jobs: list, one job's detail (inputs, outputs, history, timings, deliveries), replay, re-run.
+
+Replay and re-run need an `operate` token; the token's name is recorded as the actor of the job's event."""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 
+from dicom_gateway.api.auth import actor_of, role_needed
 from dicom_gateway.api.schemas import ErrorBody, JobDetail, JobSummary, ReplayResult, job_detail, job_summary
 from dicom_gateway.errors import NotFoundError
 from dicom_gateway.states import JobState
@@ -15,6 +18,7 @@ from dicom_gateway.store import Store
 log = logging.getLogger("dicom_gateway.api")
 
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody}}
+WRITE_ERRORS: dict[int | str, dict[str, Any]] = {**NOT_FOUND, 403: {"model": ErrorBody}, 409: {"model": ErrorBody}}
 
 
 def job_or_404(store: Store, job_id: int) -> Any:
@@ -41,12 +45,24 @@ def jobs_router(store: Store) -> APIRouter:
         """One job with its inputs, outputs, history, per-stage timings and deliveries."""
         return job_detail(store, job_or_404(store, job_id))
 
-    @router.post("/{job_id}/replay", response_model=ReplayResult, responses={**NOT_FOUND, 409: {"model": ErrorBody}})
-    def replay(job_id: int) -> ReplayResult:
+    @router.post("/{job_id}/replay", response_model=ReplayResult, responses=WRITE_ERRORS,
+                 openapi_extra=role_needed("operate"))
+    def replay(job_id: int, request: Request) -> ReplayResult:
         """Replay a FAILED or DONE job: resend if outputs exist, else run it again (409 for any other state)."""
         job_or_404(store, job_id)
-        state = store.jobs.replay(job_id)  # JobStateError (409) unless FAILED or DONE
-        log.info("job replayed", extra={"job_id": job_id, "state": str(state)})
+        actor = actor_of(request)
+        state = store.jobs.replay(job_id, actor=actor)  # JobStateError (409) unless FAILED or DONE
+        log.info("job replayed", extra={"job_id": job_id, "state": str(state), "reason": f"by {actor}"})
+        return ReplayResult(id=job_id, state=state)
+
+    @router.post("/{job_id}/rerun", response_model=ReplayResult, responses=WRITE_ERRORS,
+                 openapi_extra=role_needed("operate"))
+    def rerun(job_id: int, request: Request) -> ReplayResult:
+        """Run a FAILED or DONE job's inference again, even when it has outputs (409 for any other state)."""
+        job_or_404(store, job_id)
+        actor = actor_of(request)
+        state = store.jobs.rerun(job_id, actor=actor)
+        log.info("job re-run", extra={"job_id": job_id, "state": str(state), "reason": f"by {actor}"})
         return ReplayResult(id=job_id, state=state)
 
     return router

@@ -47,6 +47,7 @@ class JobEvent(BaseModel):
     at: float
     stage: Stage | None
     detail: str | None
+    actor: str | None = Field(default=None, description="Who asked for it (an API token's name, cli); none: dxgate")
 
 
 class Delivery(BaseModel):
@@ -84,6 +85,9 @@ class SeriesInfo(BaseModel):
     orientation: str | None
     n_instances: int
     calling_ae: str | None
+    completeness: str | None = Field(default=None, description="complete, consistent, incomplete or unknown, from "
+                                     "Images in Acquisition and the slice grid")
+    completeness_reason: str | None = None
 
 
 class StudyDetail(BaseModel):
@@ -117,7 +121,7 @@ def job_summary(row: Any) -> JobSummary:
 def job_detail(store: Store, row: Any) -> JobDetail:
     """A jobs row with its events and deliveries, as /jobs/{id} returns it."""
     events = [JobEvent(from_state=e["from_state"], to_state=e["to_state"], at=e["at"], stage=e["stage"],
-                       detail=e["detail"]) for e in store.jobs.events(row["id"])]
+                       detail=e["detail"], actor=e["actor"]) for e in store.jobs.events(row["id"])]
     entered: dict[str, float] = {}
     for e in events:
         entered.setdefault(str(e.to_state), e.at)
@@ -137,4 +141,6 @@ def series_info(s: SeriesSummary) -> SeriesInfo:
     return SeriesInfo(series_uid=s.series_uid, series_number=s.series_number, modality=s.modality,
                       body_part=s.body_part, series_description=s.series_description,
                       slice_thickness=s.slice_thickness, orientation=s.orientation, n_instances=s.n_instances,
-                      calling_ae=s.calling_ae)
+                      calling_ae=s.calling_ae,
+                      completeness=str(s.evidence.state) if s.evidence is not None else None,
+                      completeness_reason=s.evidence.reason if s.evidence is not None else None)

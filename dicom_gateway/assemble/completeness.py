@@ -1,9 +1,13 @@
-"""Study assembly: a study is READY when its associations are released and it has been quiet.
+"""Study assembly: a study is READY when its associations are closed and it has been quiet.
 
 PS3.4 has no "study complete" message for C-STORE pushes, so completeness is inferred: every
-association that delivered instances of the study is released (or aborted), and no instance arrived
-for `quiet_seconds` (per calling AE override). A late instance reopens the study (`store.instances`).
-READY studies are then routed: jobs QUEUED, or UNROUTED with the reasons recorded.
+association that delivered instances of the study is closed, and no instance arrived for
+`quiet_seconds` (per calling AE override). An aborted association (PS3.8 7.3, A-ABORT) is no evidence
+of completeness: the study then also waits `abort_grace_seconds` from the abort for the sender's retry
+(a released association opened after it), unless the count evidence (`assemble.evidence`) shows every
+series complete. A late instance reopens the study (`store.instances`). READY studies are then routed:
+jobs QUEUED, or UNROUTED with the reasons recorded; series still incomplete are left out ("incomplete
+series: ...").
 """
 
 from __future__ import annotations
@@ -31,11 +35,21 @@ def mark_ready_studies(settings: Settings, store: Store, now: Callable[[], float
             continue
         if t - study["last_received_at"] < settings.quiet_for(study["calling_ae"]):
             continue
+        aborted_at = study["aborted_at"]
+        if aborted_at is not None and t - aborted_at < settings.abort_grace_seconds \
+                and not counts_complete(store, study["study_uid"]):
+            continue  # an abort, no retry yet, and the headers do not show every image arrived
         if store.studies.set_state(study["study_uid"], StudyState.READY, expect=StudyState.RECEIVING,
                                    epoch=study["epoch"]):
             log.info("study ready", extra={"study_uid": study["study_uid"], "state": "READY"})
             ready.append(study["study_uid"])
     return ready
+
+
+def counts_complete(store: Store, study_uid: str) -> bool:
+    """Whether the count evidence shows every series of the study complete (Images in Acquisition)."""
+    series = summarise_series(store.instances.of_study(study_uid))
+    return bool(series) and all(s.evidence is not None and s.evidence.complete for s in series)
 
 
 def route_ready_studies(settings: Settings, store: Store, models: dict) -> int:

@@ -19,7 +19,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
-from dicom_gateway.errors import MissingIdentifierError, UnparsableDatasetError
+from dicom_gateway.errors import DatasetTooLargeError, MissingIdentifierError, UnparsableDatasetError
 from dicom_gateway.store import InstanceRecord
 
 DEFER_SIZE = 4096
@@ -27,6 +27,12 @@ DEFER_SIZE = 4096
 
 OBLIQUE_TOLERANCE_DEG = 25.0
 """A slice normal within this angle of a patient axis is axial / coronal / sagittal, else oblique."""
+
+MAX_NESTING = 64
+"""Deepest sequence nesting accepted (real images use a handful of levels; SR content trees a few dozen)."""
+
+INFLATE_CHUNK = 1 << 20
+"""A Deflated data set is inflated this many bytes at a time (PS3.5 A.5)."""
 
 _UNDEFINED = 0xFFFFFFFF
 
@@ -55,12 +61,15 @@ def classify_orientation(iop: Sequence[Any] | None, tolerance_deg: float = OBLIQ
     return ("sagittal", "coronal", "axial")[axis]
 
 
-def parse_dataset_bytes(data: BinaryIO | bytes | memoryview, transfer_syntax: str) -> Dataset:
+def parse_dataset_bytes(data: BinaryIO | bytes | memoryview, transfer_syntax: str,
+                        max_bytes: int | None = None) -> Dataset:
     """Parse an encoded data set (no file meta, as carried in a C-STORE) without decoding pixels.
 
     `transfer_syntax` is the accepted presentation context's (PS3.5 10). Raises UnparsableDatasetError
     when the bytes are not a well-formed data set: any parser error, or an element that runs past the
-    end of the received bytes (truncation), or bytes left over after the last element.
+    end of the received bytes (truncation), or bytes left over after the last element, or sequences
+    nested deeper than MAX_NESTING. DatasetTooLargeError (0xA700) when the data set, or a Deflated one
+    once inflated, is over `max_bytes`.
     """
     fp: BinaryIO = io.BytesIO(bytes(data)) if isinstance(data, bytes | memoryview) else data
     ts = UID(transfer_syntax)
@@ -68,8 +77,10 @@ def parse_dataset_bytes(data: BinaryIO | bytes | memoryview, transfer_syntax: st
         fp.seek(0, io.SEEK_END)
         size = fp.tell()
         fp.seek(0)
+        if max_bytes is not None and size > max_bytes:
+            raise DatasetTooLargeError(f"the data set is {size} bytes, over the limit of {max_bytes}")
         if ts == DeflatedExplicitVRLittleEndian:  # PS3.5 A.5: the whole data set is deflated
-            fp = io.BytesIO(zlib.decompress(fp.read(), -zlib.MAX_WBITS))
+            fp = inflate(fp, max_bytes)
             size = len(fp.getbuffer())
         if size == 0:
             raise UnparsableDatasetError("the data set is empty")
@@ -77,12 +88,58 @@ def parse_dataset_bytes(data: BinaryIO | bytes | memoryview, transfer_syntax: st
         little = ts.is_little_endian if ts.is_transfer_syntax else True
         ds = pydicom.filereader.read_dataset(fp, implicit, little, defer_size=DEFER_SIZE)
         end = fp.tell()
-    except UnparsableDatasetError:
+    except (UnparsableDatasetError, DatasetTooLargeError):
         raise
+    except RecursionError as exc:  # pydicom reads nested sequences recursively
+        raise UnparsableDatasetError("the data set's sequences are nested too deeply") from exc
     except Exception as exc:  # pydicom raises many kinds on garbage; all mean "cannot understand"
         raise UnparsableDatasetError(f"the data set cannot be parsed: {type(exc).__name__}: {exc}") from exc
+    _check_nesting(ds)
     _check_complete(ds, end, size)
     return ds
+
+
+def inflate(fp: BinaryIO, max_bytes: int | None) -> io.BytesIO:
+    """Inflate a Deflated Explicit VR Little Endian data set (PS3.5 A.5, raw RFC 1951), bounded.
+
+    Output is produced at most `INFLATE_CHUNK` at a time; past `max_bytes` it stops and raises
+    DatasetTooLargeError, so a small stream that would inflate to gigabytes never does.
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = io.BytesIO()
+    budget = None if max_bytes is None else max_bytes + 1
+    pending = fp.read(INFLATE_CHUNK)
+    while pending:
+        while pending:
+            step = INFLATE_CHUNK if budget is None else min(INFLATE_CHUNK, budget - out.tell())
+            out.write(inflater.decompress(pending, step))
+            pending = inflater.unconsumed_tail
+            if max_bytes is not None and out.tell() > max_bytes:
+                raise DatasetTooLargeError(f"the Deflated data set inflates beyond the limit of {max_bytes} bytes")
+        if inflater.eof:
+            break
+        pending = fp.read(INFLATE_CHUNK)
+    out.write(inflater.flush())
+    if max_bytes is not None and out.tell() > max_bytes:
+        raise DatasetTooLargeError(f"the Deflated data set inflates beyond the limit of {max_bytes} bytes")
+    if not inflater.eof:
+        raise UnparsableDatasetError("the Deflated data set is truncated (no end of the deflate stream)")
+    out.seek(0)
+    return out
+
+
+def _check_nesting(ds: Dataset) -> None:
+    """Refuse sequences nested deeper than MAX_NESTING (walked without recursion)."""
+    stack: list[tuple[Dataset, int]] = [(ds, 0)]
+    while stack:
+        current, depth = stack.pop()
+        for tag in current.keys():  # noqa: SIM118 - tags, not (converted) elements
+            elem = current.get_item(tag, keep_deferred=True)
+            if getattr(elem, "VR", None) != "SQ" or not isinstance(elem.value, Sequence):
+                continue
+            if depth + 1 > MAX_NESTING:
+                raise UnparsableDatasetError(f"the data set's sequences are nested deeper than {MAX_NESTING}")
+            stack.extend((item, depth + 1) for item in elem.value if isinstance(item, Dataset))
 
 
 def _check_complete(ds: Dataset, end: int, size: int) -> None:
@@ -152,9 +209,28 @@ def _shared(ds: Dataset, sequence: str) -> Dataset:
         return Dataset()
 
 
+def _uid(ds: Dataset, keyword: str) -> str | None:
+    """A UID as sent, only its NUL (or space) padding removed (PS3.5 9.1), so a malformed one (a newline,
+    a slash) stays visible to the UID check instead of being tidied up by pydicom's conversion."""
+    tag = pydicom.datadict.tag_for_keyword(keyword)
+    try:
+        elem = ds.get_item(tag) if tag is not None and tag in ds else None
+    except Exception:
+        return None
+    value = None if elem is None else elem.value
+    if isinstance(value, bytes):
+        value = value.decode("ascii", errors="backslashreplace")
+    if value is None or isinstance(value, list | tuple) and not value:
+        return None
+    return str(value).rstrip("\0 ") or None
+
+
 def identifiers(ds: Dataset) -> tuple[str, str, str]:
-    """(Study, Series, SOP Instance UID); MissingIdentifierError (0xC211) when one is absent."""
-    uids = tuple(_str(ds, k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
+    """(Study, Series, SOP Instance UID); MissingIdentifierError (0xC211) when one is absent.
+
+    The values are returned as sent (padding removed): the spool's UID check refuses malformed ones.
+    """
+    uids = tuple(_uid(ds, k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
     missing = [k for k, v in zip(("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"), uids, strict=True)
                if not v]
     if missing:
@@ -164,8 +240,11 @@ def identifiers(ds: Dataset) -> tuple[str, str, str]:
 
 def instance_record(ds: Dataset, *, path: Path | str, size: int, transfer_syntax: str | None,
                     calling_ae: str | None, association_id: int | None,
-                    sop_class_uid: str | None = None) -> InstanceRecord:
-    """The job store's row for one stored instance, from its header (no pixel data, no patient data)."""
+                    sop_class_uid: str | None = None, content_sha256: str | None = None) -> InstanceRecord:
+    """The job store's row for one stored instance, from its header (no pixel data, no patient data).
+
+    `content_sha256` is the hash of the data set bytes as received (duplicates are told apart by it).
+    """
     study, series, sop = identifiers(ds)
     sop_class = _str(ds, "SOPClassUID") or sop_class_uid
     if not sop_class:
@@ -173,7 +252,7 @@ def instance_record(ds: Dataset, *, path: Path | str, size: int, transfer_syntax
     return InstanceRecord(
         sop_instance_uid=sop, sop_class_uid=sop_class, study_uid=study, series_uid=series,
         transfer_syntax=transfer_syntax, path=str(path), size=size, calling_ae=calling_ae,
-        association_id=association_id,
+        association_id=association_id, content_sha256=content_sha256,
         modality=_str(ds, "Modality"),
         body_part=_str(ds, "BodyPartExamined"),
         series_description=_str(ds, "SeriesDescription"),

@@ -2,9 +2,9 @@
 
 pynetdicom handles PDUs in pure Python, so one process is bound by one core (the GIL). With
 `receivers: N` the main process starts N receiver processes (multiprocessing, spawn); each runs a
-`StorageSCP` whose listening socket sets SO_REUSEPORT, so the kernel spreads incoming associations
-over them. They share the job store (SQLite WAL, busy timeout) and the spool; assembly, routing,
-workers, sender and the HTTP API stay in the main process.
+`StorageSCP` whose listening sockets (dicom_port and the TLS port) set SO_REUSEPORT, so the kernel
+spreads incoming associations over them. They share the job store (SQLite WAL, busy timeout) and
+the spool; assembly, routing, workers, sender and the HTTP API stay in the main process.
 
 A receiver reports the ids of the associations it opens and closes over a pipe, so that when it dies
 the main process closes (aborted) exactly its open associations and their studies can still become
@@ -89,8 +89,8 @@ class _ReportingAssociations(Associations):
         except OSError:  # the parent is gone; the pdeathsig / getppid poll ends this process
             log.debug("could not report association %s %d to the parent", what, association_id)
 
-    def open(self, calling_ae: str, peer: str | None) -> int:
-        association_id = super().open(calling_ae, peer)
+    def open(self, calling_ae: str, peer: str | None, *, called_ae: str | None = None, tls: bool = False) -> int:
+        association_id = super().open(calling_ae, peer, called_ae=called_ae, tls=tls)
         self._send("open", association_id)
         return association_id
 
@@ -198,6 +198,10 @@ class ReceiverPool:
 
     def start(self, timeout: float = START_TIMEOUT_S) -> None:
         """Start every receiver and wait until each listens; GatewayError if one cannot start."""
+        if self.settings.tls is not None:
+            from dicom_gateway.receive.tls import server_context
+
+            server_context(self.settings.tls)  # unreadable certificate or key: ConfigError here, not in a child
         for slot in self._slots:
             self._start_slot(slot)
         deadline = time.monotonic() + timeout
@@ -208,11 +212,17 @@ class ReceiverPool:
                     code = slot.proc.exitcode
                     self.stop()
                     raise GatewayError(f"receiver {slot.index} did not start (exit code {code}); "
-                                       f"is port {self.settings.dicom_port} used by another program?")
+                                       f"is port {self._ports()} used by another program?")
         self._monitor = threading.Thread(target=self._monitor_loop, name="receivers-monitor", daemon=True)
         self._monitor.start()
         log.info("receivers listening", extra={"reason": f"{len(self._slots)} processes on port "
-                                                         f"{self.settings.dicom_port} (SO_REUSEPORT)"})
+                                                         f"{self._ports()} (SO_REUSEPORT)"})
+
+    def _ports(self) -> str:
+        """The ports every receiver listens on: dicom_port (unless 0) and tls.port."""
+        s = self.settings
+        ports = [str(s.dicom_port)] if s.dicom_port else []
+        return " and ".join(ports + ([f"{s.tls.port} (TLS)"] if s.tls is not None else []))
 
     def _start_slot(self, slot: _Slot) -> None:
         reader, writer = self._ctx.Pipe(duplex=False)

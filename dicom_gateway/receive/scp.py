@@ -4,13 +4,17 @@ DESIGN "The SCP handler only stores": the C-STORE handler reads the data set hea
 writes the bytes as received to the spool (atomic, fsync per setting), records the instance in the job
 store and only then answers 0x0000. Anything else is answered with the status `dimse_status` gives
 the exception: 0xA700 out of resources, 0xC210/0xC211 cannot understand. A duplicate SOP instance is
-answered 0x0000 without writing again (a resend after a lost response must not fail).
+answered 0x0000 without writing again (a resend after a lost response must not fail); one with the
+same SOP Instance UID but other content is kept as a conflict (receive/duplicates.py)
+and answered 0x0000. Received PDUs and data sets are bounded (receive/caps.py).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -41,14 +45,20 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
-from pynetdicom.utils import make_target
 
 from dicom_gateway import __version__
-from dicom_gateway.errors import STATUS_SUCCESS, UnparsableDatasetError, dimse_status
+from dicom_gateway.errors import STATUS_SUCCESS, DatasetTooLargeError, UnparsableDatasetError, dimse_status
+from dicom_gateway.receive.admission import Admission
+from dicom_gateway.receive.caps import OversizedDataSet, install_receive_caps
+from dicom_gateway.receive.duplicates import dataset_part, received_again
 from dicom_gateway.receive.headers import identifiers, instance_record, parse_dataset_bytes
+from dicom_gateway.receive.listeners import start_listener
 from dicom_gateway.receive.spool import Spool
+from dicom_gateway.receive.tls import server_context
 from dicom_gateway.settings import Settings
-from dicom_gateway.store import Store
+from dicom_gateway.settings_security import is_loopback
+from dicom_gateway.store import ConflictRecord, Store
+from inference.redaction import redact
 
 log = logging.getLogger("dxgate.scp")
 
@@ -103,18 +113,6 @@ def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: 
     return buf.getvalue()
 
 
-class ReusePortAssociationServer(ThreadedAssociationServer):
-    """A threaded association server whose listening socket sets SO_REUSEPORT before bind (Linux).
-
-    Several processes listening so on one port share it; the kernel spreads incoming connections.
-    """
-
-    def server_bind(self) -> None:
-        assert self.socket is not None
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
-
-
 class StorageSCP:
     """Accepts associations for Verification and every storage SOP class, and stores what it receives."""
 
@@ -125,7 +123,9 @@ class StorageSCP:
         self.store = store
         self.spool = spool
         self.on_event = on_event
-        self._server: ThreadedAssociationServer | None = None
+        self._server: ThreadedAssociationServer | None = None  # the plain TCP listener
+        self._tls_server: ThreadedAssociationServer | None = None
+        self.admission = Admission(settings)
         self._assoc_ids: dict[Association, int] = {}
         self._assoc_lock = threading.Lock()
         # Per-SOP-instance mutual exclusion (striped): two associations carrying the same instance
@@ -141,15 +141,17 @@ class StorageSCP:
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
         ae.maximum_pdu_size = s.max_pdu  # 0 = no limit (PS3.8 D.3.3.2.1)
-        ae.maximum_associations = s.max_associations
+        install_receive_caps(ae, s)  # received PDUs and data sets bounded (receive/caps.py)
+        ae.maximum_associations = s.max_associations  # the global cap: A-ASSOCIATE-RJ transient, local limit
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = s.network_timeout_s
-        # Not allow-listed -> A-ASSOCIATE-RJ permanent, service-user, calling AE not recognised (PS3.8 7.1.1.9).
-        ae.require_calling_aet = list(s.allowed_calling_aes)
+        # Called and calling AE titles, hosts and per-AE / per-host limits: self.admission (EVT_REQUESTED).
+        ae.require_calling_aet = []
         ae.require_called_aet = False
         return ae
 
     def _handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
         handlers: list[tuple[Any, Callable[..., Any]]] = [
+            (evt.EVT_REQUESTED, self.admission.on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_RELEASED, self._on_released),
@@ -162,46 +164,59 @@ class StorageSCP:
         return handlers
 
     def start(self) -> None:
-        """Listen on settings.bind_address:settings.dicom_port in background threads (non-blocking)."""
-        if self._server is not None:
+        """Listen on bind_address: dicom_port (unless 0) and tls.port (with a tls block), non-blocking."""
+        if self.is_running:
             return
         s = self.settings
-        if self.reuse_port:
-            self._server = self._start_reuse_port_server()
-        else:
-            self._server = self.ae.start_server((s.bind_address, s.dicom_port), block=False,
-                                                evt_handlers=self._handlers())
-        log.info("storage SCP listening", extra={"reason": f"AE {s.ae_title} on {s.bind_address}:{self.port}"})
+        tls_context = server_context(s.tls) if s.tls is not None else None  # ConfigError before any listener
+        try:
+            if s.dicom_port:
+                self._server = self._start_server(s.dicom_port, None)
+            if s.tls is not None:
+                self._tls_server = self._start_server(s.tls.port, tls_context)
+        except BaseException:
+            self.stop()
+            raise
+        self.admission.start_watchdog()
+        listening = [f"{s.bind_address}:{self.port}"] if self._server is not None else []
+        listening += [f"{s.bind_address}:{self.tls_port} (TLS)"] if self._tls_server is not None else []
+        log.info("storage SCP listening", extra={"reason": f"AE {s.ae_title} on {', '.join(listening)}"})
+        if self._server is not None and not is_loopback(s.bind_address) and not s.allowed_calling_aes:
+            log.warning("plain DICOM port open to the network", extra={"reason": (
+                f"{s.bind_address}:{self.port} accepts any calling AE without TLS; set allowed_calling_aes, "
+                "or dicom_port: 0 to accept DICOM over TLS only")})
 
-    def _start_reuse_port_server(self) -> ThreadedAssociationServer:
-        """What `AE.start_server(block=False)` does, with a server class that sets SO_REUSEPORT."""
+    def _start_server(self, port: int, tls_context: ssl.SSLContext | None) -> ThreadedAssociationServer:
         s = self.settings
-        server = self.ae.make_server((s.bind_address, s.dicom_port), evt_handlers=self._handlers(),
-                                     server_class=ReusePortAssociationServer)
-        thread = threading.Thread(target=make_target(server.serve_forever), name="AcceptorServer-reuseport",
-                                  daemon=True)
-        thread.start()
-        self.ae._servers.append(server)  # so that AE.shutdown() stops it, as for start_server()
-        return server
+        return start_listener(self.ae, (s.bind_address, port), self._handlers(), tls_context=tls_context,
+                              reuse_port=self.reuse_port, handshake_timeout_s=s.network_timeout_s)
 
     def stop(self) -> None:
         """Stop listening and abort open associations (their instances stay recorded, they are closed)."""
-        if self._server is None:
+        self.admission.stop_watchdog()
+        if not self.is_running:
             return
         self.ae.shutdown()
-        self._server = None
+        self._server = self._tls_server = None
         log.info("storage SCP stopped")
 
     @property
     def port(self) -> int:
-        """The bound TCP port (settings.dicom_port once started)."""
+        """The bound plain TCP port (settings.dicom_port until started; 0: no plain listener)."""
         if self._server is None:
             return self.settings.dicom_port
         return int(self._server.server_address[1])
 
     @property
+    def tls_port(self) -> int | None:
+        """The bound TLS port (tls.port until started); None without a tls block."""
+        if self._tls_server is not None:
+            return int(self._tls_server.server_address[1])
+        return self.settings.tls.port if self.settings.tls is not None else None
+
+    @property
     def is_running(self) -> bool:
-        return self._server is not None
+        return self._server is not None or self._tls_server is not None
 
     # -- association bookkeeping ----------------------------------------------------------------
     @staticmethod
@@ -210,14 +225,20 @@ class StorageSCP:
 
     def _on_accepted(self, event: evt.Event) -> None:
         calling_ae = self._calling_ae(event.assoc)
-        assoc_id = self.store.associations.open(calling_ae, event.assoc.requestor.address)
+        called_ae = str(event.assoc.requestor.primitive.called_ae_title).strip()
+        tls = isinstance(getattr(event.assoc.dul.socket, "socket", None), ssl.SSLSocket)
+        assoc_id = self.store.associations.open(calling_ae, event.assoc.requestor.address, called_ae=called_ae,
+                                                tls=tls)
         with self._assoc_lock:
             self._assoc_ids[event.assoc] = assoc_id
         log.info("association accepted", extra={"calling_ae": calling_ae, "association_id": assoc_id})
 
     def _on_rejected(self, event: evt.Event) -> None:
-        log.warning("association rejected", extra={"calling_ae": self._calling_ae(event.assoc),
-                                                   "reason": "calling AE not allowed or limit reached"})
+        # The admission policy logs its own refusals; this is pynetdicom's global max_associations.
+        log.warning("association rejected", extra={
+            "calling_ae": self._calling_ae(event.assoc),
+            "reason": f"from {event.assoc.requestor.address}: max_associations "
+                      f"({self.settings.max_associations}) reached"})
 
     def _close(self, event: evt.Event, aborted: bool, how: str) -> None:
         with self._assoc_lock:
@@ -260,7 +281,7 @@ class StorageSCP:
             status = STATUS_SUCCESS
         except Exception as exc:
             status = dimse_status(exc)
-            extra.update(status=f"0x{status:04X}", reason=f"{type(exc).__name__}: {exc}")
+            extra.update(status=f"0x{status:04X}", reason=redact(f"{type(exc).__name__}: {exc}"))  # no values
             log.warning("C-STORE refused", extra=extra, exc_info=status not in (0xA700, 0xC210, 0xC211))
             return status
         extra.update(status="0x0000", seconds=round(time.monotonic() - t0, 4))
@@ -273,48 +294,55 @@ class StorageSCP:
         req = event.request
         ts = str(event.context.transfer_syntax)
         data = self._received_bytes(event)
-        ds = parse_dataset_bytes(data, ts)
+        ds = parse_dataset_bytes(data, ts, max_bytes=self.settings.limits.max_dataset_bytes)
         study, series, sop = identifiers(ds)
         extra.update(study_uid=study, series_uid=series)
+        path = self.spool.path_for(study, series, sop)  # refuses malformed UIDs before anything is written
         if sop != str(req.AffectedSOPInstanceUID).strip():
             raise UnparsableDatasetError(
                 f"data set SOP Instance UID {sop} differs from the command's {req.AffectedSOPInstanceUID}")
-        path = self.spool.path_for(study, series, sop)  # refuses malformed UIDs before anything is written
         meta = file_meta_bytes(str(req.AffectedSOPClassUID), sop, ts, sending_ae=calling_ae,
                                receiving_ae=self.settings.ae_title)
-        with self._sop_locks[hash(sop) % len(self._sop_locks)]:
-            if self.store.instances.exists(sop):
-                return "duplicate (already stored)"
-            view = data.getbuffer()
-            try:
+        view = data.getbuffer()
+        try:
+            digest = hashlib.sha256(view).hexdigest()
+            with self._sop_locks[hash(sop) % len(self._sop_locks)]:
+                if self.store.instances.exists(sop):
+                    return received_again(self.store, self.spool, ConflictRecord(
+                        sop_instance_uid=sop, study_uid=study, series_uid=series, path="",
+                        size=len(meta) + len(view), content_sha256=digest, stored_sha256=None,
+                        calling_ae=calling_ae, association_id=assoc_id), (meta, view), extra)
                 rec = instance_record(ds, path=path, size=len(meta) + len(view), transfer_syntax=ts,
                                       calling_ae=calling_ae, association_id=assoc_id,
-                                      sop_class_uid=str(req.AffectedSOPClassUID))
+                                      sop_class_uid=str(req.AffectedSOPClassUID), content_sha256=digest)
                 self.spool.store(study, series, sop, (meta, view))
-            finally:
-                view.release()
-            try:
-                new = self.store.instances.record(rec)
-            except BaseException:
-                self.spool.remove(path)  # nothing unrecorded stays; the peer gets a failure and resends
-                raise
+                try:
+                    new = self.store.instances.record(rec)
+                except BaseException:
+                    self.spool.remove(path)  # nothing unrecorded stays; the peer gets a failure and resends
+                    raise
+        finally:
+            view.release()
         return "stored" if new else "duplicate (already stored)"
 
     @staticmethod
     def _received_bytes(event: evt.Event) -> BytesIO:
-        """The encoded data set as received (without file meta), whichever way pynetdicom kept it."""
+        """The encoded data set as received (without file meta), whichever way pynetdicom kept it.
+
+        A data set the receive cap cut short (receive/caps.py) raises DatasetTooLargeError (0xA700).
+        """
         try:
             chunked: Path | None = event.dataset_path  # only with _config.STORE_RECV_CHUNKED_DATASET
         except AttributeError:
             chunked = None
         if chunked is None:
             data = event.request.DataSet
+            if isinstance(data, OversizedDataSet):
+                raise DatasetTooLargeError(f"the data set is over the limit of {data.limit} bytes "
+                                           f"({data.received} received)")
             if not isinstance(data, BytesIO):
                 raise UnparsableDatasetError("the C-STORE request carries no data set")
             return data
         # pynetdicom wrote preamble + its own file meta + the data set; keep the data set only.
-        from pydicom.filereader import read_file_meta_info
+        return BytesIO(dataset_part(Path(chunked)))
 
-        meta = read_file_meta_info(chunked)
-        raw = Path(chunked).read_bytes()
-        return BytesIO(raw[132 + 12 + int(meta.FileMetaInformationGroupLength):])

@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -25,7 +25,9 @@ log = logging.getLogger("dxgate.spool")
 
 # PS3.5 9.1: a UID is 1-64 characters of digits and dots, components without leading dots. Anything
 # else would be unsafe as a path component ("..", "/"), so it is refused before touching the disk.
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")  # used with fullmatch: "$" would accept a trailing newline
+CONFLICTS_DIR = "conflicts"
+"""Under the spool root: instances re-sent with a known SOP Instance UID but different content."""
 _TMP_PREFIX = ".tmp-"
 _TMP_SUFFIX = ".part"
 _CHUNK = 1 << 20
@@ -36,7 +38,7 @@ Payload = bytes | bytearray | memoryview | BinaryIO | Iterable[bytes | bytearray
 
 def check_uid(value: str, what: str = "UID") -> str:
     """Return `value` if it is a well-formed UID (digits and dots, ≤ 64 characters), else raise."""
-    if not isinstance(value, str) or len(value) > 64 or not _UID.match(value):
+    if not isinstance(value, str) or len(value) > 64 or not _UID.fullmatch(value):
         raise UnparsableDatasetError(f"{what} {value!r} is not a valid UID (PS3.5 9.1)")
     return value
 
@@ -103,7 +105,22 @@ class Spool:
         UID is replaced atomically. Raises SpoolFullError before writing when the disk is low, and
         OSError (ENOSPC → 0xA700) when the disk fills during the write; the temporary file is removed.
         """
-        final = self.path_for(study_uid, series_uid, sop_instance_uid)
+        return self._write_atomic(self.path_for(study_uid, series_uid, sop_instance_uid), data, sop_instance_uid)
+
+    def conflict_path_for(self, study_uid: str, sop_instance_uid: str, content_sha256: str) -> Path:
+        """Where a re-sent instance with different content is kept: conflicts/<study>/<sop>.<hash16>.dcm."""
+        digest = content_sha256[:16]
+        if not re.fullmatch(r"[0-9a-f]{16}", digest):
+            raise ValueError("content_sha256 must be a hex SHA-256 digest")
+        return (self.root / CONFLICTS_DIR / check_uid(study_uid, "Study Instance UID")
+                / f"{check_uid(sop_instance_uid, 'SOP Instance UID')}.{digest}.dcm")
+
+    def store_conflict(self, study_uid: str, sop_instance_uid: str, content_sha256: str, data: Payload) -> Path:
+        """Write a conflicting instance's Part 10 bytes atomically (as :meth:`store`) and return its path."""
+        return self._write_atomic(self.conflict_path_for(study_uid, sop_instance_uid, content_sha256), data,
+                                  sop_instance_uid)
+
+    def _write_atomic(self, final: Path, data: Payload, sop_instance_uid: str) -> Path:
         self.check_space()
         self._make_dirs(final.parent)
         tmp = final.with_name(f"{_TMP_PREFIX}{final.stem}.{uuid.uuid4().hex}{_TMP_SUFFIX}")
@@ -142,6 +159,12 @@ class Spool:
         if removed:
             log.warning("removed %d partial file(s) left in the spool by an unclean stop", removed)
         return removed
+
+    def instance_files(self) -> Iterator[Path]:
+        """Every instance file in the spool layout (``<study>/<series>/<SOP Instance UID>.dcm``), no temp files."""
+        for path in self.root.glob("*/*/*.dcm"):
+            if not path.name.startswith(_TMP_PREFIX) and path.is_file():
+                yield path
 
     def _make_dirs(self, folder: Path) -> None:
         """Create study/series folders; fsync each parent that got a new entry."""

@@ -1,7 +1,8 @@
 """Routing: which models read which series of a study, and where the results go. Pure; no I/O.
 
 A rule matches a study when ANY of its series meets the rule's conditions. Every matching rule adds
-its models; each model's card then picks one series among those that matched the rule.
+its models; each model's card then picks one series among those that matched the rule. A series
+whose headers show images missing (assemble.evidence) is never routed: its reason is recorded.
 """
 
 from __future__ import annotations
@@ -40,6 +41,18 @@ def _why_no_series_matched(rule: Rule, series: Sequence[SeriesSummary]) -> str:
     return f"rule {rule.name}: " + "; ".join(parts)
 
 
+def usable_series(series: Sequence[SeriesSummary]) -> tuple[list[SeriesSummary], list[str]]:
+    """(the series routing may use, a reason per series left out because its images are incomplete)."""
+    usable, reasons = [], []
+    for s in series:
+        why = s.evidence.reason if s.evidence is not None else None
+        if why is None:
+            usable.append(s)
+        else:
+            reasons.append(f"{why} (series {s.label()})")
+    return usable, reasons
+
+
 def _union(first: list[str], more: Sequence[str]) -> list[str]:
     return first + [d for d in more if d not in first]
 
@@ -50,12 +63,15 @@ def route_study(rules: Sequence[Rule], models: Mapping[str, RegisteredModel], se
 
     reasons explain every rule that did not match and every model that could not run (not installed,
     or no usable series); callers record them when there are no decisions. A model chosen by several
-    rules gives one decision (the first rule's series) with the union of the destinations.
+    rules gives one decision (the first rule's series) with the union of the destinations. Incomplete
+    series are left out first, each with its reason ("incomplete series: 60 of 120 images (series ...)").
     """
     decisions: dict[str, RoutingDecision] = {}
-    reasons: list[str] = []
+    series, reasons = usable_series(series)
+    if not series and reasons:
+        return [], reasons
     if not rules:
-        return [], ["no routing rule configured"]
+        return [], [*reasons, "no routing rule configured"]
     for rule in rules:
         matched = [s for s in series if rule_matches(rule.match, s)[0]]
         if not matched:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from dicom_gateway.assemble.evidence import SeriesEvidence, series_evidence
 from dicom_gateway.errors import UnparsableDatasetError
 from dicom_gateway.receive.headers import classify_orientation, instance_record, read_header_file
 
@@ -35,6 +36,7 @@ class SeriesSummary:
     sop_instance_uids: tuple[str, ...]
     paths: tuple[str, ...]
     study_uid: str | None = None
+    evidence: SeriesEvidence | None = None  # count evidence (assemble.evidence); None: not computed
 
     def label(self) -> str:
         """A short, patient-free name for messages: series number and UID."""
@@ -69,7 +71,8 @@ def _instance_sort_key(row: Mapping[str, Any]) -> tuple[int, float, str]:
 def summarise_series(rows: Iterable[Mapping[str, Any] | Any]) -> list[SeriesSummary]:
     """Group instance rows (job store rows or dicts) into series summaries, ordered by series number.
 
-    Attributes that may differ between instances (thickness, orientation, ...) take the majority value.
+    Attributes that may differ between instances (thickness, orientation, ...) take the majority value;
+    each summary carries its series' count evidence (complete, incomplete, ...).
     """
     by_series: dict[str, list[Any]] = defaultdict(list)
     for row in rows:
@@ -96,6 +99,7 @@ def summarise_series(rows: Iterable[Mapping[str, Any] | Any]) -> list[SeriesSumm
             sop_instance_uids=tuple(str(u) for u in values("sop_instance_uid")),
             paths=tuple(str(p) for p in values("path") if p is not None),
             study_uid=_majority(values("study_uid")),
+            evidence=series_evidence(members),
         ))
     out.sort(key=lambda s: (s.series_number is None, s.series_number or 0, s.series_uid))
     return out

@@ -7,7 +7,9 @@ min(backoff_initial_s * 2**attempts, backoff_max_s); after max_attempts it becom
 job store turns the job FAILED at stage "send" (replayable with `dxgate jobs replay`).
 
 Delivery is at-least-once: if a peer stores an instance but its response is lost, the retry sends the
-same SOP Instance UID again, which a Storage SCP treats as the same instance.
+same SOP Instance UID again, which a Storage SCP treats as the same instance. Every instance the peer
+acknowledges is recorded at once (deliveries.sent_uids), so after an abort mid-send or a crash the next
+attempt sends only the rest.
 """
 
 from __future__ import annotations
@@ -127,17 +129,28 @@ class Sender:
         job = self.store.jobs.get(job_id)
         if job is None:
             return None
-        outputs = outputs_for(destination, json.loads(job["outputs"]))
+        acknowledged = set(json.loads(row["sent_uids"] or "[]"))
+        wanted = outputs_for(destination, json.loads(job["outputs"]))
+        outputs = [o for o in wanted if o.get("sop_instance_uid") not in acknowledged]
         paths = [self._resolve(o["path"]) for o in outputs]
+        uid_of = {p: o.get("sop_instance_uid") for p, o in zip(paths, outputs, strict=True)}
         extra = {"job_id": job_id, "destination": destination.name, "count": len(paths)}
         if not paths:
             self._record(row, ok=True)
-            log.info("nothing to send to destination (filtered out)", extra=extra)
+            why = "acknowledged before" if wanted else "filtered out"
+            log.info("nothing left to send to destination (%s)", why, extra=extra)
             return None
+
+        def on_stored(path: Path, status: int) -> None:  # each success, recorded as its response arrives
+            uid = uid_of.get(Path(path))
+            if uid and is_success(status):
+                self.store.deliveries.acknowledge(job_id, destination.name, uid)
+
         t0 = time.monotonic()
         try:
             statuses = store_datasets_or_files(paths, destination, self.settings.ae_title,
-                                               self.settings.sender.timeout_s)
+                                               self.settings.sender.timeout_s, tls=self.settings.tls,
+                                               on_stored=on_stored)
         except AssociationFailedError as exc:
             self._record(row, ok=False, error=str(exc))
             return str(exc)

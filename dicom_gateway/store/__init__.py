@@ -1,11 +1,13 @@
 """The job store behind one small interface: `Store(db_path)` with one attribute per table.
 
     store.associations  open, close, close_stale                                   studies.py
-    store.instances     record, exists, of_study                                   studies.py
+    store.instances     record, exists, content_sha256, of_study                   studies.py
     store.studies       receiving, set_state, in_state, get                        studies.py
-    store.jobs          create, claim, transition, fail, record_stages,            jobs.py
-                        finish_encoding, replay, requeue_orphans, get, find, events, earlier_outputs
-    store.deliveries    of_job, due, record                                        deliveries.py
+    store.jobs          create, claim, renew, transition, fail, record_stages,     jobs.py
+                        finish_encoding, replay, rerun, recover_orphans, requeue_orphans, get, find,
+                        events, earlier_outputs, output_paths
+    store.deliveries    of_job, due, record, acknowledge                           deliveries.py
+    store.conflicts     record, exists, of_study, all                              conflicts.py
     store.db            the SQLite file: tx, query, one, close                     db.py
 
 The schema is versioned (`schema.py`: migrations applied at open); every state change goes through
@@ -17,13 +19,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dicom_gateway.store.conflicts import ConflictRecord, Conflicts
 from dicom_gateway.store.db import Database
 from dicom_gateway.store.deliveries import Deliveries
 from dicom_gateway.store.jobs import Jobs, series_set_hash
 from dicom_gateway.store.schema import SCHEMA_VERSION
 from dicom_gateway.store.studies import Associations, InstanceRecord, Instances, Studies
 
-__all__ = ["SCHEMA_VERSION", "Associations", "InstanceRecord", "Store", "series_set_hash"]
+__all__ = ["SCHEMA_VERSION", "Associations", "ConflictRecord", "InstanceRecord", "Store", "series_set_hash"]
 
 
 class Store:
@@ -36,6 +39,7 @@ class Store:
         self.studies = Studies(self.db)
         self.jobs = Jobs(self.db)
         self.deliveries = Deliveries(self.db)
+        self.conflicts = Conflicts(self.db)
 
     def close(self) -> None:
         """Close the calling thread's connection."""

@@ -2,6 +2,9 @@
 
 The outcome of each C-STORE attempt is recorded here, and the job settles with its deliveries: DONE
 once every one is SENT, FAILED at stage send once none is PENDING and one is DEAD (a dead letter).
+Each SOP Instance UID the destination acknowledged is kept in `sent_uids` as soon as its C-STORE
+response arrives, so an attempt after a crash or an abort mid-send sends only what was not
+acknowledged, with the same UIDs.
 """
 
 from __future__ import annotations
@@ -24,6 +27,19 @@ class Deliveries:
     def of_job(self, job_id: int) -> list[sqlite3.Row]:
         """A job's deliveries by destination name."""
         return self.db.query("SELECT * FROM deliveries WHERE job_id=? ORDER BY destination", (job_id,))
+
+    def acknowledge(self, job_id: int, destination: str, sop_instance_uid: str) -> None:
+        """Record that the destination acknowledged (C-STORE success) one SOP instance of this delivery."""
+        with self.db.tx() as db:
+            row = db.execute("SELECT sent_uids FROM deliveries WHERE job_id=? AND destination=?",
+                             (job_id, destination)).fetchone()
+            if row is None:
+                return
+            uids = json.loads(row["sent_uids"] or "[]")
+            if sop_instance_uid not in uids:
+                uids.append(sop_instance_uid)
+                db.execute("UPDATE deliveries SET sent_uids=? WHERE job_id=? AND destination=?",
+                           (json.dumps(uids), job_id, destination))
 
     def due(self, now: float | None = None) -> list[sqlite3.Row]:
         """PENDING deliveries whose next attempt is due, of jobs still ENCODED or SENDING, oldest first."""

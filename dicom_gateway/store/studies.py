@@ -49,11 +49,11 @@ class Associations:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    def open(self, calling_ae: str, peer: str | None) -> int:
-        """Record an accepted association; returns its id."""
+    def open(self, calling_ae: str, peer: str | None, *, called_ae: str | None = None, tls: bool = False) -> int:
+        """Record an accepted association (the AE titles, the peer's address, over TLS or not); returns its id."""
         with self.db.tx() as db:
-            cur = db.execute("INSERT INTO associations(calling_ae, peer, opened_at) VALUES (?,?,?)",
-                             (calling_ae, peer, time.time()))
+            cur = db.execute("INSERT INTO associations(calling_ae, peer, opened_at, called_ae, tls) VALUES (?,?,?,?,?)",
+                             (calling_ae, peer, time.time(), called_ae, int(tls)))
             return int(cur.lastrowid)
 
     def close(self, association_id: int, aborted: bool = False) -> None:
@@ -111,6 +111,11 @@ class Instances:
         """Whether this SOP Instance UID is already stored."""
         return bool(self.db.query("SELECT 1 FROM instances WHERE sop_instance_uid=?", (sop_instance_uid,)))
 
+    def content_sha256(self, sop_instance_uid: str) -> str | None:
+        """The SHA-256 of the stored instance's data set bytes (None: not stored, or stored without one)."""
+        row = self.db.one("SELECT content_sha256 FROM instances WHERE sop_instance_uid=?", (sop_instance_uid,))
+        return None if row is None else row["content_sha256"]
+
     def of_study(self, study_uid: str) -> list[sqlite3.Row]:
         """A study's instances by series and instance number."""
         return self.db.query("SELECT * FROM instances WHERE study_uid=? ORDER BY series_uid, instance_number",
@@ -124,11 +129,21 @@ class Studies:
         self.db = db
 
     def receiving(self) -> list[sqlite3.Row]:
-        """RECEIVING studies with the number of still-open associations that delivered to them."""
+        """RECEIVING studies, each with what completeness needs besides its own columns.
+
+        `open_associations`: still-open associations that delivered to the study. `aborted_at`: when the
+        last aborted association that delivered to it closed, unless a released association that also
+        delivered to it opened after that (the sender's retry); NULL when no abort awaits a retry.
+        """
+        delivered = "SELECT i.association_id FROM instances i WHERE i.study_uid = s.study_uid"
         return self.db.query(
             "SELECT s.*, (SELECT COUNT(DISTINCT a.id) FROM instances i JOIN associations a"
             " ON a.id = i.association_id WHERE i.study_uid = s.study_uid AND a.closed_at IS NULL)"
-            " AS open_associations FROM studies s WHERE s.state = ?", (StudyState.RECEIVING,))
+            " AS open_associations,"
+            f" (SELECT MAX(a.closed_at) FROM associations a WHERE a.aborted = 1 AND a.id IN ({delivered})"
+            "  AND NOT EXISTS (SELECT 1 FROM associations r WHERE r.aborted = 0 AND r.closed_at IS NOT NULL"
+            f"  AND r.opened_at >= a.closed_at AND r.id IN ({delivered}))) AS aborted_at"
+            " FROM studies s WHERE s.state = ?", (StudyState.RECEIVING,))
 
     def set_state(self, study_uid: str, state: StudyState, *, expect: StudyState | None = None,
                   epoch: int | None = None, reason: str | None = None) -> bool:

@@ -23,8 +23,10 @@ from dicom_gateway.states import (
 
 
 def move_job(db: sqlite3.Connection, job_id: int, dst: JobState, *, stage: Stage | None = None,
-             detail: str | None = None, expect: JobState | None = None) -> JobState:
-    """Move a job and append the event; FAILED records `stage` and `detail` as failed_stage and reason."""
+             detail: str | None = None, expect: JobState | None = None, actor: str | None = None) -> JobState:
+    """Move a job and append the event; FAILED records `stage` and `detail` as failed_stage and reason.
+
+    `actor` names who asked for the change (an API token's name, "cli"); None for the gateway itself."""
     row = db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
     if row is None:
         raise JobStateError(f"job {job_id} does not exist")
@@ -38,8 +40,10 @@ def move_job(db: sqlite3.Connection, job_id: int, dst: JobState, *, stage: Stage
     reason = detail if dst == JobState.FAILED else None
     db.execute("UPDATE jobs SET state=?, updated_at=?, failed_stage=?, reason=? WHERE id=?",
                (dst, now, failed_stage, reason, job_id))
-    db.execute("INSERT INTO job_events(job_id, from_state, to_state, at, stage, detail) VALUES (?,?,?,?,?,?)",
-               (job_id, src, dst, now, stage, detail))
+    if dst == JobState.QUEUED and src in (JobState.FAILED, JobState.DONE):  # a replay or re-run: a fresh count
+        db.execute("UPDATE jobs SET crashes=0 WHERE id=?", (job_id,))
+    db.execute("INSERT INTO job_events(job_id, from_state, to_state, at, stage, detail, actor)"
+               " VALUES (?,?,?,?,?,?,?)", (job_id, src, dst, now, stage, detail, actor))
     return src
 
 
@@ -62,6 +66,8 @@ def move_delivery(db: sqlite3.Connection, job_id: int, destination: str, dst: De
     src = DeliveryState(row["state"])
     if not can_delivery_transition(src, dst):
         raise DeliveryStateError(f"job {job_id} delivery to {destination!r}: {src} -> {dst} is not allowed")
+    if src == DeliveryState.SENT and dst == DeliveryState.PENDING:  # a deliberate resend of everything
+        columns.setdefault("sent_uids", "[]")
     sets = ", ".join(["state=?", *(f"{name}=?" for name in columns), *(["attempts=attempts+1"] if attempted else [])])
     db.execute(f"UPDATE deliveries SET {sets} WHERE job_id=? AND destination=?",
                (dst, *columns.values(), job_id, destination))

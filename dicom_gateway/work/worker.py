@@ -3,6 +3,10 @@
 series -> volume -> preprocess -> backend.infer() -> postprocess -> findings (inference.pipeline), then
 SR + SEG + GSPS (and SC where a destination asks for it) built with highdicom, validated, written to
 the outbox atomically, and the job moved to ENCODED with one delivery per destination in one transaction.
+
+While a job runs its lease is renewed (work.heartbeat); every write to the job checks, in its transaction,
+that this worker still holds the lease. A worker that lost it (another reclaimed the job) drops its
+results: LeaseLostError, its outbox files removed, the other worker's job left alone.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import logging
 import os
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,12 +25,16 @@ from typing import Any
 
 import pydicom
 
+from dicom_gateway.errors import LeaseLostError
 from dicom_gateway.settings import Settings
 from dicom_gateway.states import Stage
 from dicom_gateway.store import Store
+from dicom_gateway.work.heartbeat import Heartbeat
+from dicom_gateway.work.outbox import job_folder, remove_files, sync_folder, write_atomic
 from inference.errors import InferenceError, ModelNotFoundError, VolumeError
 from inference.model_repo import RegisteredModel
 from inference.pipeline import ModelRunner
+from inference.redaction import redact
 
 log = logging.getLogger("dxgate.worker")
 
@@ -34,15 +43,6 @@ log = logging.getLogger("dxgate.worker")
 class LoadedModel:
     model: RegisteredModel
     runner: ModelRunner
-
-
-def _write_atomic(path: Path, ds: pydicom.Dataset, fsync: bool) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    ds.save_as(tmp, enforce_file_format=True)
-    if fsync:
-        with tmp.open("rb") as f:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _output_entry(kind: str, path: Path, ds: pydicom.Dataset) -> dict[str, Any]:
@@ -71,17 +71,21 @@ class Worker:
                 stop.wait(1.0)
 
     def run_once(self) -> bool:
-        job = self.store.jobs.claim(self.worker_id, self.settings.worker.lease_s)
+        lease_s = self.settings.worker.lease_s
+        job = self.store.jobs.claim(self.worker_id, lease_s, self.settings.worker.max_crashes)
         if job is None:
             return False
-        self.run_job(job)
+        with Heartbeat(self.store, int(job["id"]), self.worker_id, lease_s):
+            self.run_job(job)
         return True
 
     # -- one job ------------------------------------------------------------------------------
     def run_job(self, job: Any) -> None:
+        """Run one claimed job to ENCODED or FAILED (with its stage); a lost lease drops the results."""
         job_id = int(job["id"])
         extra = {"job_id": job_id, "study_uid": job["study_uid"], "model": job["model"]}
         stage = Stage.LOAD_MODEL
+        written: list[Path] = []
         try:
             loaded = self.models.get(job["model"])
             if loaded is None:
@@ -93,19 +97,36 @@ class Worker:
             stage = Stage.LOAD
             paths = self._input_paths(job)
             result = loaded.runner.run(paths)
-            self.store.jobs.record_stages(job_id, result.stage_seconds)
+            self.store.jobs.record_stages(job_id, result.stage_seconds, self.worker_id)
             stage = Stage.ENCODE
-            outputs = self._encode_and_validate(job, loaded.model, result, paths)
+            outputs = self._encode_and_validate(job, loaded.model, result, paths, written)
             self.store.jobs.finish_encoding(job_id, outputs, loaded.model.card.weights_sha256,
-                                            len(result.findings), json.loads(job["destinations"]))
+                                            len(result.findings), json.loads(job["destinations"]), self.worker_id)
             log.info("job encoded", extra={**extra, "state": "ENCODED", "count": len(result.findings)})
+        except LeaseLostError as exc:
+            self._drop(exc, written, extra)
         except InferenceError as exc:
             stage = Stage(exc.stage)
             log.warning("job failed: %s", exc, extra={**extra, "stage": stage})
-            self.store.jobs.fail(job_id, stage, f"{type(exc).__name__}: {exc}")
+            self._fail(job_id, stage, f"{type(exc).__name__}: {exc}", written, extra)
         except Exception as exc:  # an unexpected error still ends the job FAILED with its stage
-            log.exception("job failed unexpectedly", extra={**extra, "stage": stage})
-            self.store.jobs.fail(job_id, stage, f"{type(exc).__name__}: {exc}")
+            reason = redact(f"{type(exc).__name__}: {exc}")  # third-party messages may quote attribute values
+            log.error("job failed unexpectedly: %s\n%s", reason, "".join(traceback.format_tb(exc.__traceback__)),
+                      extra={**extra, "stage": stage})
+            self._fail(job_id, stage, reason, written, extra)
+
+    def _fail(self, job_id: int, stage: Stage, reason: str, written: list[Path], extra: dict[str, Any]) -> None:
+        try:
+            self.store.jobs.fail(job_id, stage, reason, self.worker_id)
+        except LeaseLostError as exc:
+            self._drop(exc, written, extra)
+            return
+        remove_files(written)  # a FAILED job's outputs are never sent; replay encodes afresh
+
+    def _drop(self, exc: LeaseLostError, written: list[Path], extra: dict[str, Any]) -> None:
+        """Another worker runs this job now: leave its job alone, remove only this worker's files."""
+        removed = remove_files(written)
+        log.warning("results dropped: %s", exc, extra={**extra, "count": removed})
 
     def _record_wait_stages(self, job: Any) -> None:
         study = self.store.studies.get(job["study_uid"])
@@ -114,7 +135,7 @@ class Worker:
         stages = {"receive": study["last_received_at"] - study["first_received_at"]}
         if study["ready_at"]:
             stages["quiet_wait"] = study["ready_at"] - study["last_received_at"]
-        self.store.jobs.record_stages(int(job["id"]), stages)
+        self.store.jobs.record_stages(int(job["id"]), stages, self.worker_id)
 
     def _input_paths(self, job: Any) -> list[Path]:
         uids = set(json.loads(job["inputs"]))
@@ -128,8 +149,9 @@ class Worker:
             raise VolumeError(f"{len(lost)} input file(s) missing from the spool, e.g. {lost[0].name}")
         return paths
 
-    def _encode_and_validate(self, job: Any, model: RegisteredModel, result: Any,
-                             paths: Sequence[Path]) -> list[dict[str, Any]]:
+    def _encode_and_validate(self, job: Any, model: RegisteredModel, result: Any, paths: Sequence[Path],
+                             written: list[Path]) -> list[dict[str, Any]]:
+        """Encode and validate the results, write them to the outbox (each path appended to `written`)."""
         from inference.encode import encode_gsps, encode_secondary_capture, encode_seg, encode_sr
         from inference.errors import ValidationFailedError
         from inference.validation import validate_output
@@ -162,13 +184,16 @@ class Worker:
             except ValidationFailedError as exc:
                 raise ValidationFailedError(f"{kind.upper()} failed validation: {exc}") from exc
         t2 = time.perf_counter()
-        out_dir = self.settings.outbox_dir / str(job["id"])
-        out_dir.mkdir(parents=True, exist_ok=True)
+        fsync = self.settings.fsync
+        out_dir = job_folder(self.settings.outbox_dir, int(job["id"]), fsync)
         outputs = []
         for n, (kind, ds) in enumerate(produced):
             path = out_dir / f"{n:02d}_{kind}_{ds.SOPInstanceUID}.dcm"
-            _write_atomic(path, ds, self.settings.fsync)
+            written.append(path)
+            write_atomic(path, ds, fsync)
             outputs.append(_output_entry(kind, path, ds))
+        if fsync:
+            sync_folder(out_dir)
         self.store.jobs.record_stages(int(job["id"]), {"encode": t1 - t0 + (time.perf_counter() - t2),
-                                                       "validate": t2 - t1})
+                                                       "validate": t2 - t1}, self.worker_id)
         return outputs

@@ -29,6 +29,7 @@ from inference.encode.common import (
 from inference.errors import EncodeError
 from inference.findings import Finding, InferenceResult
 from inference.model_card import ModelCard
+from inference.redaction import redact
 
 LAYER = "DXGATE"
 
@@ -78,7 +79,7 @@ def encode_gsps(
             series_description=series_description(card, "GSPS"),
         )
     except (ValueError, TypeError) as exc:
-        raise EncodeError(f"cannot build GSPS: {exc}") from exc
+        raise EncodeError(f"cannot build GSPS: {redact(str(exc))}") from exc
     set_body_part(gsps, ordered[0], card)
     return gsps
 

@@ -34,6 +34,7 @@ from inference.encode.common import (
 from inference.errors import EncodeError
 from inference.findings import Finding, InferenceResult
 from inference.model_card import ModelCard
+from inference.redaction import redact
 
 COLOUR = (255, 220, 0)
 
@@ -115,7 +116,7 @@ def _encode_one(
             device_serial_number=card.weights_sha256[:16],
         )
     except (ValueError, TypeError, AttributeError) as exc:
-        raise EncodeError(f"cannot build secondary capture: {exc}") from exc
+        raise EncodeError(f"cannot build secondary capture: {redact(str(exc))}") from exc
     set_body_part(sc, image, card)
     sc.BurnedInAnnotation = "YES"
     sc.ImageType = ["DERIVED", "SECONDARY"]

@@ -35,6 +35,7 @@ from inference.encode.common import (
 from inference.errors import EncodeError
 from inference.findings import Algorithm, Finding, InferenceResult
 from inference.model_card import ModelCard
+from inference.redaction import redact
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ def encode_seg(
             series_description=series_description(card, "SEG"),
         )
     except (ValueError, TypeError) as exc:
-        raise EncodeError(f"cannot build SEG: {exc}") from exc
+        raise EncodeError(f"cannot build SEG: {redact(str(exc))}") from exc
     return seg
 
 

@@ -47,6 +47,7 @@ from inference.encode.common import (
 from inference.errors import EncodeError
 from inference.findings import Algorithm, Finding, InferenceResult, algorithm_of
 from inference.model_card import ModelCard
+from inference.redaction import redact
 
 CT_CHEST = hd.sr.CodedConcept("24627-2", "LN", "CT Chest")
 CT_UNSPECIFIED = hd.sr.CodedConcept("25045-6", "LN", "CT unspecified body region")
@@ -126,7 +127,7 @@ def encode_sr(
             coding_schemes=private_coding_schemes(),
         )
     except (ValueError, TypeError, AttributeError) as exc:
-        raise EncodeError(f"cannot build SR: {exc}") from exc
+        raise EncodeError(f"cannot build SR: {redact(str(exc))}") from exc
     if supersedes:
         sr.PredecessorDocumentsSequence = predecessor_documents(supersedes)
     return sr

@@ -1,4 +1,4 @@
-"""The HTTP API over a real job store populated through its own methods."""
+"""The HTTP API over a real job store populated through its own methods (called with an admin token)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from dicom_gateway.api.app import create_app
 from dicom_gateway.settings import Settings
 from dicom_gateway.states import StudyState
 from dicom_gateway.store import InstanceRecord, Store
+from harness.gateway import new_api_token
 
 STUDY = "1.2.826.0.1.3680043.10.1"
 SERIES = f"{STUDY}.2"
@@ -55,8 +56,9 @@ def env(tmp_path: Path) -> Iterator[Env]:
     queued, _ = store.jobs.create(study_uid=STUDY, model="spine_vertebrae_ct", model_version="0.3.0",
                                   series_uid=SERIES, input_uids=SOPS[:2], destinations=["pacs"], rule="spine")
     checks = {"scp": True, "models": True, "store": True}
-    app = create_app(Settings(data_dir=tmp_path), store, lambda: dict(checks))
-    with TestClient(app) as client:
+    token, entry = new_api_token("test-admin", "admin")
+    app = create_app(Settings(data_dir=tmp_path, api_tokens=[entry]), store, lambda: dict(checks))
+    with TestClient(app, base_url="http://127.0.0.1", headers={"Authorization": f"Bearer {token}"}) as client:
         yield Env(client, store, checks, failed, queued)
     store.close()
 
@@ -76,7 +78,7 @@ def test_readiness_probe_that_raises_is_not_ready(tmp_path: Path) -> None:
         raise RuntimeError("probe failed")
 
     store = Store(tmp_path / "j.sqlite3", durable=False)
-    client = TestClient(create_app(Settings(data_dir=tmp_path), store, broken))
+    client = TestClient(create_app(Settings(data_dir=tmp_path), store, broken), base_url="http://127.0.0.1")
     r = client.get("/readyz")
     assert r.status_code == 503 and r.json()["ready"] is False
     store.close()
@@ -133,7 +135,8 @@ def test_replay(env: Env) -> None:
     assert r.status_code == 200 and r.json() == {"id": env.failed_job, "state": "SENDING"}
     job = env.client.get(f"/jobs/{env.failed_job}").json()
     assert {d["destination"]: d["state"] for d in job["deliveries"]} == {"pacs": "SENT", "archive": "PENDING"}
-    assert job["events"][-1]["detail"] == "replay: resend"
+    assert job["events"][-1]["detail"] == "replay: resend" and job["events"][-1]["actor"] == "test-admin"
+    assert job["events"][0]["actor"] is None  # the gateway's own transitions name no actor
     r = env.client.post(f"/jobs/{env.queued_job}/replay")
     assert r.status_code == 409 and "QUEUED" in r.json()["detail"]
     assert env.client.post("/jobs/4242/replay").status_code == 404
@@ -146,7 +149,7 @@ def test_study(env: Env) -> None:
     (series,) = study["series"]
     assert series == {"series_uid": SERIES, "series_number": 2, "modality": "CT", "body_part": "CHEST",
                       "series_description": "Lung 1mm", "slice_thickness": 1.0, "orientation": "axial",
-                      "n_instances": 3, "calling_ae": "PACS"}
+                      "n_instances": 3, "calling_ae": "PACS", "completeness": "unknown", "completeness_reason": None}
     assert {j["id"] for j in study["jobs"]} == {env.failed_job, env.queued_job}
     r = env.client.get("/studies/1.2.3.999")
     assert r.status_code == 404 and "1.2.3.999" in r.json()["detail"]
@@ -154,6 +157,9 @@ def test_study(env: Env) -> None:
 
 def test_openapi_served(env: Env) -> None:
     spec = env.client.get("/openapi.json").json()
-    assert {"/healthz", "/readyz", "/jobs", "/jobs/{job_id}", "/jobs/{job_id}/replay",
+    assert {"/healthz", "/readyz", "/jobs", "/jobs/{job_id}", "/jobs/{job_id}/replay", "/jobs/{job_id}/rerun",
             "/studies/{study_uid}"} <= set(spec["paths"])
-    assert env.client.get("/docs").status_code == 200
+    assert env.client.get("/docs").status_code == 200 and env.client.get("/redoc").status_code == 200
+    assert spec["paths"]["/jobs/{job_id}/replay"]["post"]["x-required-role"] == "operate"
+    assert spec["paths"]["/jobs"]["get"]["security"] == [{"HTTPBearer": []}]
+    assert "security" not in spec["paths"]["/healthz"]["get"]

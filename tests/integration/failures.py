@@ -24,12 +24,12 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from harness.dcmtk import StoreSCP
-from harness.gateway import RunningGateway
+from harness.gateway import RunningGateway, api_request
 
 
 def api_call(gw: RunningGateway, path: str, method: str = "GET") -> tuple[int, Any]:
     """(HTTP status, JSON body) of an API call, 4xx/5xx included."""
-    req = urllib.request.Request(f"http://127.0.0.1:{gw.http_port}{path}", method=method)
+    req = api_request(gw.http_port, path, gw.token, method=method)
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
             return r.status, json.loads(r.read())
