@@ -134,8 +134,7 @@ class Gateway:
 
         s = self.settings
         self.spool.cleanup_temp()
-        recorded = self.store.db.query("SELECT sop_instance_uid, path FROM instances"
-                                       " UNION SELECT sop_instance_uid, path FROM instance_conflicts")
+        recorded = self.store.instances.recorded_files()
         paths = {str(Path(r["path"]).absolute()) for r in recorded}
         uids = {r["sop_instance_uid"] for r in recorded}
         unrecorded = [p for p in self.spool.instance_files() if str(p.absolute()) not in paths and p.stem not in uids]

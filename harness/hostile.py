@@ -47,8 +47,10 @@ def pdu(pdu_type: int, body: bytes, length: int | None = None) -> bytes:
 
 def associate_rq(called_ae: str, calling_ae: str,
                  contexts: Sequence[tuple[str, Sequence[str]]] = ((CT_IMAGE_STORAGE, (ExplicitVRLittleEndian,)),),
-                 max_pdu: int = 16384) -> bytes:
-    """An A-ASSOCIATE-RQ PDU proposing `contexts` (abstract syntax, transfer syntaxes) as IDs 1, 3, 5, ..."""
+                 max_pdu: int = 16384, length: int | None = None) -> bytes:
+    """An A-ASSOCIATE-RQ PDU proposing `contexts` (abstract syntax, transfer syntaxes) as IDs 1, 3, 5, ...;
+    its header announces `length` where that lies.
+    """
     prim = A_ASSOCIATE()
     prim.application_context_name = APPLICATION_CONTEXT
     prim.calling_ae_title, prim.called_ae_title = calling_ae, called_ae
@@ -64,7 +66,8 @@ def associate_rq(called_ae: str, calling_ae: str,
     prim.user_information = [max_len, impl]
     rq = A_ASSOCIATE_RQ()
     rq.from_primitive(prim)
-    return rq.encode()
+    raw = rq.encode()
+    return raw if length is None else pdu(ASSOCIATE_RQ, raw[6:], length)
 
 
 def pdv(context_id: int, data: bytes, *, command: bool, last: bool) -> bytes:

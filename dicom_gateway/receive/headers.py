@@ -37,26 +37,40 @@ INFLATE_CHUNK = 1 << 20
 _UNDEFINED = 0xFFFFFFFF
 
 
-def classify_orientation(iop: Sequence[Any] | None, tolerance_deg: float = OBLIQUE_TOLERANCE_DEG) -> str | None:
-    """Classify Image Orientation (Patient) (0020,0037) as axial, coronal, sagittal or oblique.
-
-    The slice normal is row × column direction cosines (PS3.3 C.7.6.2.1.1, LPS patient axes): a normal
-    along ±Z (head-foot) is axial, along ±Y (anterior-posterior) coronal, along ±X (left-right)
-    sagittal. Returns None when the value is missing or malformed.
-    """
+def _finite(value: Sequence[Any] | None, n: int) -> list[float] | None:
+    """`n` finite numbers from a multi-valued attribute, or None when missing or malformed."""
     try:
-        v = [float(x) for x in iop] if iop is not None else []
+        v = [float(x) for x in value] if value is not None else []
     except (TypeError, ValueError):
         return None
-    if len(v) != 6 or not all(math.isfinite(x) for x in v):
+    return v if len(v) == n and all(math.isfinite(x) for x in v) else None
+
+
+def slice_normal(iop: Sequence[Any] | None) -> tuple[float, float, float] | None:
+    """The unit slice normal, row × column direction cosines of Image Orientation (Patient) (0020,0037)
+    (PS3.3 C.7.6.2.1.1, LPS patient axes); None when the value is missing, malformed or degenerate."""
+    v = _finite(iop, 6)
+    if v is None:
         return None
     r, c = v[:3], v[3:]
     n = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
     norm = math.sqrt(sum(x * x for x in n))
     if norm < 1e-6:
         return None
+    return (n[0] / norm, n[1] / norm, n[2] / norm)
+
+
+def classify_orientation(iop: Sequence[Any] | None, tolerance_deg: float = OBLIQUE_TOLERANCE_DEG) -> str | None:
+    """Classify Image Orientation (Patient) as axial, coronal, sagittal or oblique.
+
+    A slice normal along ±Z (head-foot) is axial, along ±Y (anterior-posterior) coronal, along ±X
+    (left-right) sagittal. Returns None when the value is missing or malformed.
+    """
+    n = slice_normal(iop)
+    if n is None:
+        return None
     axis = max(range(3), key=lambda i: abs(n[i]))
-    if abs(n[axis]) / norm < math.cos(math.radians(tolerance_deg)):
+    if abs(n[axis]) < math.cos(math.radians(tolerance_deg)):
         return "oblique"
     return ("sagittal", "coronal", "axial")[axis]
 
@@ -270,16 +284,7 @@ def instance_record(ds: Dataset, *, path: Path | str, size: int, transfer_syntax
 
 def slice_position(iop: Sequence[Any] | None, ipp: Sequence[Any] | None) -> float | None:
     """Image Position (Patient) projected on the slice normal, mm (PS3.3 C.7.6.2.1.1); None if unusable."""
-    try:
-        o = [float(x) for x in iop] if iop is not None else []
-        p = [float(x) for x in ipp] if ipp is not None else []
-    except (TypeError, ValueError):
+    n, p = slice_normal(iop), _finite(ipp, 3)
+    if n is None or p is None:
         return None
-    if len(o) != 6 or len(p) != 3 or not all(math.isfinite(x) for x in o + p):
-        return None
-    r, c = o[:3], o[3:]
-    n = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
-    norm = math.sqrt(sum(x * x for x in n))
-    if norm < 1e-6:
-        return None
-    return sum(a * b for a, b in zip(n, p, strict=True)) / norm
+    return sum(a * b for a, b in zip(n, p, strict=True))

@@ -1,7 +1,7 @@
 """The job store behind one small interface: `Store(db_path)` with one attribute per table.
 
     store.associations  open, close, close_stale                                   studies.py
-    store.instances     record, exists, content_sha256, of_study                   studies.py
+    store.instances     record, exists, content_sha256, recorded_files, of_study   studies.py
     store.studies       receiving, set_state, in_state, get                        studies.py
     store.jobs          create, claim, renew, transition, fail, record_stages,     jobs.py
                         finish_encoding, replay, rerun, recover_orphans, requeue_orphans, get, find,

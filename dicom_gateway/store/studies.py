@@ -116,6 +116,11 @@ class Instances:
         row = self.db.one("SELECT content_sha256 FROM instances WHERE sop_instance_uid=?", (sop_instance_uid,))
         return None if row is None else row["content_sha256"]
 
+    def recorded_files(self) -> list[sqlite3.Row]:
+        """(sop_instance_uid, path) of every spooled file the store knows: instances and kept conflicts."""
+        return self.db.query("SELECT sop_instance_uid, path FROM instances"
+                             " UNION SELECT sop_instance_uid, path FROM instance_conflicts")
+
     def of_study(self, study_uid: str) -> list[sqlite3.Row]:
         """A study's instances by series and instance number."""
         return self.db.query("SELECT * FROM instances WHERE study_uid=? ORDER BY series_uid, instance_number",

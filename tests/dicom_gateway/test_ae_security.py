@@ -11,7 +11,7 @@ import logging
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,31 +20,12 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicom_gateway.receive.scp import StorageSCP
-from dicom_gateway.receive.spool import Spool
 from dicom_gateway.settings import Settings
-from dicom_gateway.store import Store
 from harness.dcmtk import run_echoscu
 from harness.gateway import REPO, write_config
 from harness.system import free_port
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def scp_factory(tmp_path: Path) -> Iterator:
-    started: list[StorageSCP] = []
-
-    def start(**overrides: object) -> StorageSCP:
-        settings = Settings(data_dir=tmp_path / "var", dicom_port=free_port(), network_timeout_s=5, **overrides)
-        scp = StorageSCP(settings, Store(settings.db_path), Spool(settings.spool_dir, fsync=False, min_free_bytes=0))
-        scp.start()
-        started.append(scp)
-        return scp
-
-    yield start
-    for scp in started:
-        scp.stop()
 
 
 @pytest.fixture

@@ -7,13 +7,10 @@ peer claims, and the server goes on storing and answering C-ECHO.
 
 from __future__ import annotations
 
-import socket
-import struct
 import time
 import tracemalloc
 import zlib
 from collections.abc import Callable, Iterator
-from io import BytesIO
 from pathlib import Path
 
 import pydicom
@@ -21,9 +18,6 @@ import pytest
 from pydicom.uid import CTImageStorage, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
-from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dsutils import decode
 
 from dicom_gateway.errors import DatasetTooLargeError, UnparsableDatasetError
 from dicom_gateway.receive.headers import MAX_NESTING, identifiers, parse_dataset_bytes
@@ -33,79 +27,30 @@ from dicom_gateway.settings import Settings
 from dicom_gateway.store import Store
 from harness.ct import dataset_bytes, make_ct, uids, write_ct, write_ct_series
 from harness.dcmtk import run_echoscu, run_storescu
+from harness.hostile import ABORT, P_DATA, RawPeer, associate_rq, c_store_rq, p_data, pdu, pdv, uid_value
+from harness.payloads import deflate_bomb, element, nested_sequences
 from harness.system import free_port
 
 pytestmark = pytest.mark.integration
 
-APPLICATION_CONTEXT = b"1.2.840.10008.3.1.1.1"
+
+# -- a raw DICOM peer (harness.hostile, PS3.8 9.3) -----------------------------------------------
+def _peer(port: int) -> RawPeer:
+    """A raw peer with an A-ASSOCIATE-AC for CT Image Storage, Explicit VR LE as context 1 (calling RAWPEER)."""
+    peer = RawPeer(port, timeout_s=20)
+    assert peer.associate("DXGATE", "RAWPEER").ok, "expected A-ASSOCIATE-AC"
+    return peer
 
 
-# -- a raw DICOM peer (PS3.8 9.3) ----------------------------------------------------------------
-def _item(item_type: int, value: bytes) -> bytes:
-    return struct.pack(">BBH", item_type, 0, len(value)) + value
+def _next_pdu_type(peer: RawPeer) -> int | None:
+    """The type of the next PDU the SCP sends; None when it closed the connection (or timed out)."""
+    got = peer.read_pdu()
+    return None if got is None else got[0]
 
 
-def associate_rq(called: str = "DXGATE", calling: str = "RAWPEER", max_pdu: int = 16384,
-                 announced_length: int | None = None) -> bytes:
-    """An A-ASSOCIATE-RQ proposing CT Image Storage in Explicit VR Little Endian (context 1)."""
-    cx = bytes([1, 0, 0, 0]) + _item(0x30, CTImageStorage.encode()) + _item(0x40, ExplicitVRLittleEndian.encode())
-    user = _item(0x51, struct.pack(">L", max_pdu)) + _item(0x52, b"1.2.826.0.1.3680043.9.9999.1")
-    body = (struct.pack(">HH", 1, 0) + called.ljust(16).encode() + calling.ljust(16).encode() + bytes(32)
-            + _item(0x10, APPLICATION_CONTEXT) + _item(0x20, cx) + _item(0x50, user))
-    return struct.pack(">BBL", 0x01, 0, len(body) if announced_length is None else announced_length) + body
-
-
-def p_data(pdvs: list[tuple[int, bytes]], context_id: int = 1) -> bytes:
-    """A P-DATA-TF PDU; each PDV is (message control header, fragment)."""
-    items = b"".join(struct.pack(">LBB", len(data) + 2, context_id, control) + data for control, data in pdvs)
-    return struct.pack(">BBL", 0x04, 0, len(items)) + items
-
-
-class RawPeer:
-    """A TCP connection speaking PDUs by hand."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=20)
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def _exactly(self, n: int) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
-            chunk = self.sock.recv(n - len(buf))
-            if not chunk:
-                raise EOFError(f"connection closed after {len(buf)} of {n} bytes")
-            buf += chunk
-        return bytes(buf)
-
-    def read_pdu(self) -> tuple[int, bytes]:
-        pdu_type, _, length = struct.unpack(">BBL", self._exactly(6))
-        return pdu_type, self._exactly(length)
-
-    def associate(self) -> None:
-        self.sock.sendall(associate_rq())
-        pdu_type, _ = self.read_pdu()
-        assert pdu_type == 0x02, f"expected A-ASSOCIATE-AC, got PDU type 0x{pdu_type:02X}"
-
-    def store_command(self, sop_uid: str) -> bytes:
-        """The C-STORE-RQ command set, encoded as it goes in PDVs (Implicit VR Little Endian)."""
-        req = C_STORE()
-        req.MessageID, req.AffectedSOPClassUID, req.AffectedSOPInstanceUID, req.Priority = 1, CTImageStorage, sop_uid, 2
-        req.DataSet = BytesIO(b"\0")
-        msg = C_STORE_RQ()
-        msg.primitive_to_message(req)
-        for primitive in msg.encode_msg(1, 1 << 20):
-            for _, data in primitive.presentation_data_value_list:
-                if data[0] & 1:
-                    return bytes(data[1:])
-        raise AssertionError("no command fragment")
-
-    def read_status(self) -> int:
-        pdu_type, body = self.read_pdu()
-        assert pdu_type == 0x04, f"expected P-DATA-TF, got PDU type 0x{pdu_type:02X}"
-        command = body[6:]  # PDV length (4), context ID, control header
-        return int(decode(BytesIO(command), True, True).Status)
+def _command(sop_uid: str) -> bytes:
+    """A P-DATA-TF PDU carrying a whole C-STORE-RQ command set for a CT image on context 1."""
+    return p_data(pdv(1, c_store_rq(CTImageStorage, sop_uid), command=True, last=True))
 
 
 # -- the SCP under test ---------------------------------------------------------------------------
@@ -155,45 +100,26 @@ def _raw_file(path: Path, sop_uid: str, transfer_syntax: str, body: bytes) -> Pa
 
 def _identifiers(sop_uid: str, study_uid: str | None = None) -> bytes:
     """Explicit VR LE elements: SOP Class/Instance, Study and Series Instance UIDs (in tag order)."""
-    def ui(group: int, elem: int, value: str) -> bytes:
-        raw = value.encode() + (b"\0" if len(value) % 2 else b"")
-        return struct.pack("<HH2sH", group, elem, b"UI", len(raw)) + raw
-    return (ui(0x0008, 0x0016, CTImageStorage) + ui(0x0008, 0x0018, sop_uid)
-            + ui(0x0020, 0x000D, study_uid or generate_uid()) + ui(0x0020, 0x000E, generate_uid()))
-
-
-def _nested(levels: int) -> bytes:
-    """`levels` sequences, each holding one item holding the next (undefined lengths, PS3.5 7.5)."""
-    opening = struct.pack("<HH2sHL", 0x0040, 0xA730, b"SQ", 0, 0xFFFFFFFF) + struct.pack("<HHL", 0xFFFE, 0xE000,
-                                                                                          0xFFFFFFFF)
-    closing = struct.pack("<HHL", 0xFFFE, 0xE00D, 0) + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
-    return opening * levels + closing * levels
+    values = ((0x0008, 0x0016, CTImageStorage), (0x0008, 0x0018, sop_uid),
+              (0x0020, 0x000D, study_uid or generate_uid()), (0x0020, 0x000E, generate_uid()))
+    return b"".join(element(group, elem, "UI", uid_value(value)) for group, elem, value in values)
 
 
 def _deflate_bomb(inflated_gib: int) -> bytes:
-    """A raw deflate stream of identifiers then an OB of zeros: about 1 KiB per inflated MiB."""
-    sop = generate_uid()
-    head = _identifiers(sop) + struct.pack("<HH2sHL", 0x0042, 0x0011, b"OB", 0, 0xFFFFFFF0)
-    z = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    first = z.compress(head) + z.flush(zlib.Z_FULL_FLUSH)
-    unit = z.compress(bytes(1 << 20)) + z.flush(zlib.Z_FULL_FLUSH)  # dictionary reset: repeatable
-    return first + unit * (inflated_gib << 10) + z.flush()
+    """A raw deflate stream of identifiers then OB elements of zeros: about 1 KiB per inflated MiB."""
+    return deflate_bomb(_identifiers(generate_uid()), inflated_gib << 30)
 
 
 # -- PDU cap --------------------------------------------------------------------------------------
 def test_p_data_announcing_4_gib_is_aborted_before_its_body_is_read(gateway: Gateway) -> None:
-    peer = RawPeer(gateway.port)
-    try:
-        peer.associate()
+    with _peer(gateway.port) as peer:
         t0 = time.monotonic()
-        peer.sock.sendall(struct.pack(">BBL", 0x04, 0, 0xFFFFFFFF) + bytes(100))  # 100 of 4 GiB sent
-        pdu_type, _ = peer.read_pdu()  # without the cap the SCP would wait for the rest (30 s timeout)
-        assert pdu_type == 0x07, "expected A-ABORT"
+        assert peer.send(pdu(P_DATA, bytes(100), length=0xFFFFFFFF))  # 100 of 4 GiB sent
+        pdu_type = _next_pdu_type(peer)  # without the cap the SCP would wait for the rest (30 s timeout)
+        assert pdu_type == ABORT, "expected A-ABORT"
         assert time.monotonic() - t0 < 10
-        with pytest.raises((EOFError, ConnectionError)):
-            peer.read_pdu()
-    finally:
-        peer.close()
+        t0 = time.monotonic()  # then closed: None well before the peer's 20 s read timeout
+        assert peer.read_pdu() is None and time.monotonic() - t0 < 10, "the connection stayed open"
     gateway.echo()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -205,18 +131,12 @@ def test_p_data_announcing_4_gib_is_aborted_before_its_body_is_read(gateway: Gat
 
 
 def test_p_data_just_over_max_pdu_is_aborted_and_at_max_pdu_is_read(gateway: Gateway) -> None:
-    peer = RawPeer(gateway.port)
-    try:
-        peer.associate()
-        sop = generate_uid()
-        command = peer.store_command(sop)
-        pdu = p_data([(0x03, command)])
-        assert len(pdu) - 6 <= gateway.settings.max_pdu
-        peer.sock.sendall(pdu)
-        peer.sock.sendall(struct.pack(">BBL", 0x04, 0, gateway.settings.max_pdu + 1))
-        assert peer.read_pdu()[0] == 0x07
-    finally:
-        peer.close()
+    with _peer(gateway.port) as peer:
+        command = _command(generate_uid())
+        assert len(command) - 6 <= gateway.settings.max_pdu
+        assert peer.send(command)
+        assert peer.send(pdu(P_DATA, b"", length=gateway.settings.max_pdu + 1))
+        assert _next_pdu_type(peer) == ABORT
     gateway.echo()
 
 
@@ -238,28 +158,25 @@ def test_senders_that_keep_to_max_pdu_are_unaffected(tmp_path: Path) -> None:
         gw.scp.stop()
 
 
-@pytest.mark.parametrize("sent", [associate_rq(announced_length=0xFFFFFFFF)[:200],  # 4 GiB A-ASSOCIATE-RQ
-                                  b"\x09\x00\x00\x00\x00\x10" + bytes(range(256)) * 64],  # unknown PDU type
+@pytest.mark.parametrize("sent", [associate_rq("DXGATE", "RAWPEER", length=0xFFFFFFFF)[:200],  # 4 GiB
+                                  pdu(0x09, bytes(range(256)) * 64, length=0x10)],  # unknown PDU type
                          ids=["4-GiB-A-ASSOCIATE-RQ", "unknown-PDU-type"])
 def test_association_request_announcing_4_gib_or_garbage_is_aborted(gateway: Gateway, sent: bytes) -> None:
-    peer = RawPeer(gateway.port)
-    try:
-        peer.sock.sendall(sent)
-        assert peer.read_pdu()[0] == 0x07
-    finally:
-        peer.close()
+    with RawPeer(gateway.port, timeout_s=20) as peer:
+        assert peer.send(sent)
+        assert _next_pdu_type(peer) == ABORT
     gateway.echo()
 
 
 # -- data set cap ---------------------------------------------------------------------------------
-def _stream_data_set(peer: RawPeer, mib: int, answer: Callable[[], int]) -> tuple[int, int]:
+def _stream_data_set(peer: RawPeer, mib: int, answer: Callable[[], int | None]) -> tuple[int | None, int]:
     """Send `mib` MiB of data set fragments (16 KiB PDUs) and read the answer; (answer, peak traced bytes)."""
     fragment = bytes(16376)  # one PDV per PDU within the 16384 our A-ASSOCIATE-RQ announced
     tracemalloc.start()
     try:
         for _ in range(mib * 64 - 1):
-            peer.sock.sendall(p_data([(0x00, fragment)]))
-        peer.sock.sendall(p_data([(0x02, fragment)]))
+            assert peer.send(p_data(pdv(1, fragment, command=False, last=False)))
+        assert peer.send(p_data(pdv(1, fragment, command=False, last=True)))
         result = answer()
         return result, tracemalloc.get_traced_memory()[1]
     finally:
@@ -269,23 +186,15 @@ def _stream_data_set(peer: RawPeer, mib: int, answer: Callable[[], int]) -> tupl
 def test_data_set_over_the_limit_is_answered_a700_without_being_held(tmp_path: Path) -> None:
     """48 MiB streamed against a 1 MiB cap: 0xA700, the SCP's allocations stay far below what was sent."""
     gw = Gateway(tmp_path, max_pdu=262144, limits={"max_dataset_mb": 1})
-    peer = RawPeer(gw.port)
-    try:
-        peer.associate()
-        peer.sock.sendall(p_data([(0x03, peer.store_command(generate_uid()))]))
+    with _peer(gw.port) as peer:
+        assert peer.send(_command(generate_uid()))
         status, peak = _stream_data_set(peer, 48, peer.read_status)
         assert status == 0xA700
         assert peak < 12 << 20, f"peak traced allocation {peak} bytes"
-    finally:
-        peer.close()
-    peer = RawPeer(gw.port)  # data fragments with no command before them: bounded too, then aborted
-    try:
-        peer.associate()
-        pdu_type, peak = _stream_data_set(peer, 16, lambda: peer.read_pdu()[0])
-        assert pdu_type == 0x07
+    with _peer(gw.port) as peer:  # data fragments with no command before them: bounded too, then aborted
+        pdu_type, peak = _stream_data_set(peer, 16, lambda: _next_pdu_type(peer))
+        assert pdu_type == ABORT
         assert peak < 12 << 20, f"peak traced allocation {peak} bytes"
-    finally:
-        peer.close()
     try:
         assoc = _scu(gw.port)  # pynetdicom: over the cap, then a normal instance on the same association
         try:
@@ -349,10 +258,9 @@ def test_deep_nesting_a_declared_length_beyond_the_data_and_a_bad_uid_are_c210(g
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     nested_sop, long_sop = generate_uid(), generate_uid()
     nested = _raw_file(tmp_path / "nested.dcm", nested_sop, ExplicitVRLittleEndian,
-                       _identifiers(nested_sop) + _nested(10_000))
-    overlong = _raw_file(tmp_path / "long.dcm", long_sop, ExplicitVRLittleEndian,
-                         _identifiers(long_sop) + struct.pack("<HH2sHL", 0x0042, 0x0011, b"OB", 0, 0x7FFFFFF0)
-                         + bytes(64))  # declares 2 GiB, carries 64 bytes
+                       _identifiers(nested_sop) + nested_sequences(10_000))
+    lying = element(0x0042, 0x0011, "OB", bytes(64), length=0x7FFFFFF0)  # declares 2 GiB, carries 64 bytes
+    overlong = _raw_file(tmp_path / "long.dcm", long_sop, ExplicitVRLittleEndian, _identifiers(long_sop) + lying)
     bad_sop = generate_uid()
     bad_uid = _raw_file(tmp_path / "bad_uid.dcm", bad_sop, ExplicitVRLittleEndian, _identifiers(bad_sop, "1.2.3\n"))
     assoc = _scu(gateway.port)
@@ -384,5 +292,5 @@ def test_malformed_uids_are_refused_not_tidied(study_uid: str) -> None:
 def test_nesting_cap_holds_below_the_parsers_recursion_limit() -> None:
     sop = generate_uid()
     with pytest.raises(UnparsableDatasetError, match=f"nested deeper than {MAX_NESTING}"):
-        parse_dataset_bytes(_identifiers(sop) + _nested(MAX_NESTING + 1), ExplicitVRLittleEndian)
-    assert parse_dataset_bytes(_identifiers(sop) + _nested(8), ExplicitVRLittleEndian).SOPInstanceUID == sop
+        parse_dataset_bytes(_identifiers(sop) + nested_sequences(MAX_NESTING + 1), ExplicitVRLittleEndian)
+    assert parse_dataset_bytes(_identifiers(sop) + nested_sequences(8), ExplicitVRLittleEndian).SOPInstanceUID == sop

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import sqlite3
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,12 +17,10 @@ import yaml
 
 from dicom_gateway.errors import ConfigError, DeliveryError
 from dicom_gateway.receive.scp import StorageSCP
-from dicom_gateway.receive.spool import Spool
 from dicom_gateway.receive.tls import client_context, server_context
 from dicom_gateway.send.scu import store_datasets_or_files
-from dicom_gateway.settings import Destination, Settings
+from dicom_gateway.settings import Destination
 from dicom_gateway.settings_security import TlsSettings
-from dicom_gateway.store import Store
 from harness.ct import write_ct_series
 from harness.dcmtk import run_echoscu, run_storescu, storescp
 from harness.gateway import REPO, start_gateway, write_config
@@ -42,23 +39,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
 def _tls(pki: TestPki, **kw: object) -> dict:
     return {"port": free_port(), "cert_file": str(pki.server_cert), "key_file": str(pki.server_key),
             "ca_file": str(pki.ca_cert), **kw}
-
-
-@pytest.fixture
-def scp_factory(tmp_path: Path) -> Iterator:
-    started: list[StorageSCP] = []
-
-    def start(**overrides: object) -> StorageSCP:
-        settings = Settings(data_dir=tmp_path / "var", network_timeout_s=5, **{"dicom_port": free_port(),
-                                                                               **overrides})
-        scp = StorageSCP(settings, Store(settings.db_path), Spool(settings.spool_dir, fsync=False, min_free_bytes=0))
-        scp.start()
-        started.append(scp)
-        return scp
-
-    yield start
-    for scp in started:
-        scp.stop()
 
 
 def _associations(scp: StorageSCP) -> list[dict]:

@@ -10,7 +10,7 @@ from pydicom.uid import generate_uid
 
 from harness.gateway import RunningGateway
 from harness.hostile import CT_IMAGE_STORAGE, DEFLATED_EXPLICIT_LE, encode_dataset, uid_value
-from tests.hostile.payloads import deflate_bomb, element, nested_sequences
+from harness.payloads import deflate_bomb, element, nested_sequences
 from tests.hostile.support import (
     CANARY_BIRTH_DATE,
     CANARY_NAME,
