@@ -14,6 +14,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING
 from dicom_gateway.assemble.completeness import mark_ready_studies, route_ready_studies
 from dicom_gateway.errors import ConfigError
 from dicom_gateway.logs import configure_logging
+from dicom_gateway.metrics import MODEL_LOAD_SECONDS
 from dicom_gateway.settings import Settings
 from dicom_gateway.settings_security import ApiToken
 from dicom_gateway.store import Store
@@ -58,12 +60,14 @@ def load_models(settings: Settings) -> dict[str, LoadedModel]:
         opts = settings.backends.get(name)
         kind = opts.kind if opts else "onnxruntime"
         options = opts.model_dump(exclude={"kind"}, exclude_none=True) if opts else {}
+        t0 = time.monotonic()
         try:
             backends[name] = make_backend(model, kind, **options)
         except InferenceError as exc:
             raise ConfigError(f"model {name}: backend {kind} cannot start: {exc}") from exc
         use_device = opts is None or opts.device_preprocess
         preprocessors[name] = device_preprocessor_for(backends[name], limits) if use_device else None
+        MODEL_LOAD_SECONDS.labels(model=name).set(time.monotonic() - t0)
         log.info("model loaded", extra={"model": name, "reason": f"version {model.version} backend {kind}"})
     loaded: dict[str, LoadedModel] = {}
     for name, model in found.items():

@@ -55,6 +55,12 @@ class Finding:
     referenced_sop_instance_uid: str | None = None  # the source slice nearest the centre
     tracking_uid: str | None = None
     algorithm: Algorithm | None = None   # the model that produced it (each stage sets its own); None: the result's
+    name: str | None = None  # unique within a report ("Lung nodule 2"), set by `inference.encode.naming.named`
+
+    @property
+    def display_name(self) -> str:
+        """The finding's name in the report, else its label."""
+        return self.name or self.label
 
 
 @dataclass

@@ -19,6 +19,7 @@ from dicom_gateway.api.auth import HostCheck, TokenBook, authorizer
 from dicom_gateway.api.conflicts import conflicts_router
 from dicom_gateway.api.health import health_router
 from dicom_gateway.api.jobs import jobs_router
+from dicom_gateway.api.metrics import metrics_router
 from dicom_gateway.api.studies import studies_router
 from dicom_gateway.errors import GatewayError, NotFoundError, StateError
 from dicom_gateway.settings import Settings
@@ -91,5 +92,6 @@ def create_app(settings: Settings, store: Store, readiness: Callable[[], dict[st
     app.include_router(jobs_router(store), dependencies=protected)
     app.include_router(studies_router(store), dependencies=protected)
     app.include_router(conflicts_router(store), dependencies=protected)
+    app.include_router(metrics_router(store), dependencies=protected)
     app.include_router(docs_router(app), dependencies=protected)
     return app

@@ -48,6 +48,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_gateway import __version__
 from dicom_gateway.errors import STATUS_SUCCESS, DatasetTooLargeError, UnparsableDatasetError, dimse_status
+from dicom_gateway.metrics import observe_cstore
 from dicom_gateway.receive.admission import Admission
 from dicom_gateway.receive.caps import OversizedDataSet, install_receive_caps
 from dicom_gateway.receive.duplicates import dataset_part, received_again
@@ -283,9 +284,11 @@ class StorageSCP:
             status = dimse_status(exc)
             extra.update(status=f"0x{status:04X}", reason=redact(f"{type(exc).__name__}: {exc}"))  # no values
             log.warning("C-STORE refused", extra=extra, exc_info=status not in (0xA700, 0xC210, 0xC211))
+            observe_cstore(status)
             return status
         extra.update(status="0x0000", seconds=round(time.monotonic() - t0, 4))
         log.info(f"C-STORE {outcome}", extra=extra)
+        observe_cstore(status)
         if outcome == "stored":
             self._notify(EVENT_STORED)
         return status

@@ -50,6 +50,17 @@ def _output_entry(kind: str, path: Path, ds: pydicom.Dataset) -> dict[str, Any]:
             "sop_class_uid": str(ds.SOPClassUID), "series_instance_uid": str(ds.SeriesInstanceUID)}
 
 
+def _read_reports(outputs: Sequence[dict[str, Any]]) -> list[pydicom.Dataset]:
+    """The earlier SRs still in the outbox (one removed or unreadable is skipped: its findings get new UIDs)."""
+    reports = []
+    for o in outputs:
+        try:
+            reports.append(pydicom.dcmread(o["path"]))
+        except (OSError, KeyError, pydicom.errors.InvalidDicomError) as exc:
+            log.warning("earlier report not read: %s", type(exc).__name__)
+    return reports
+
+
 class Worker:
     """Runs jobs one at a time. Several workers may share a store: the lease keeps them apart."""
 
@@ -153,6 +164,7 @@ class Worker:
                              written: list[Path]) -> list[dict[str, Any]]:
         """Encode and validate the results, write them to the outbox (each path appended to `written`)."""
         from inference.encode import encode_gsps, encode_secondary_capture, encode_seg, encode_sr
+        from inference.encode.naming import carry_from_reports
         from inference.errors import ValidationFailedError
         from inference.validation import validate_output
 
@@ -161,11 +173,14 @@ class Worker:
         dests = [self.settings.destination(n) for n in json.loads(job["destinations"])
                  if n in {d.name for d in self.settings.destinations}]
         produced: list[tuple[str, pydicom.Dataset]] = []
+        earlier = [o for o in self.store.jobs.earlier_outputs(int(job["id"])) if o["kind"] == "sr"]
+        # a finding found again keeps the Tracking UID the superseded report gave it (SR, SEG and GSPS alike)
+        result = carry_from_reports(result, _read_reports(earlier), sources)
         seg = encode_seg(result, model.card, sources)
         if seg is not None:
             produced.append(("seg", seg))
         supersedes = [(str(sources[0].StudyInstanceUID), o["series_instance_uid"], o["sop_instance_uid"])
-                      for o in self.store.jobs.earlier_outputs(int(job["id"])) if o["kind"] == "sr"]
+                      for o in earlier]
         produced.insert(0, ("sr", encode_sr(result, model.card, sources, seg=seg, supersedes=supersedes)))
         if any(d.overlay == "gsps" for d in dests) or not dests:
             gsps = encode_gsps(result, model.card, sources)

@@ -199,7 +199,7 @@ def display_diameter_mm(finding: Finding, default_mm: float = 20.0) -> float:
 
 def annotation_text(finding: Finding) -> str:
     """Short label for overlays: name, diameter and probability."""
-    parts = [finding.label]
+    parts = [finding.display_name]
     if finding.diameter_mm:
         parts.append(f"{finding.diameter_mm:.1f} mm")
     parts.append(f"p={finding.probability:.2f}")

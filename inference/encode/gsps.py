@@ -26,6 +26,7 @@ from inference.encode.common import (
     set_body_part,
     window_for,
 )
+from inference.encode.naming import named
 from inference.errors import EncodeError
 from inference.findings import Finding, InferenceResult
 from inference.model_card import ModelCard
@@ -45,6 +46,7 @@ def encode_gsps(
     """One presentation state annotating every finding on its nearest source slice; None if no finding."""
     if not result.findings:
         return None
+    result = named(result, card)
     ordered = ordered_sources(result, sources)
     by_image: dict[str, list[Finding]] = defaultdict(list)
     images: dict[str, pydicom.Dataset] = {}
@@ -103,7 +105,7 @@ def _circle(finding: Finding, image: pydicom.Dataset) -> hd.pr.GraphicObject:
         graphic_type=hd.pr.GraphicTypeValues.CIRCLE,
         graphic_data=np.array([[col, row], [edge, row]]),
         units=hd.pr.AnnotationUnitsValues.PIXEL,
-        tracking_id=f"{finding.label} {finding.label_index}" if finding.tracking_uid else None,
+        tracking_id=finding.display_name if finding.tracking_uid else None,
         tracking_uid=finding.tracking_uid,
     )
 

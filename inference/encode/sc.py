@@ -31,6 +31,7 @@ from inference.encode.common import (
     software_versions,
     window_for,
 )
+from inference.encode.naming import named
 from inference.errors import EncodeError
 from inference.findings import Finding, InferenceResult
 from inference.model_card import ModelCard
@@ -49,6 +50,7 @@ def encode_secondary_capture(
     """One SC image per source slice that is nearest to at least one finding; [] when no finding."""
     if not result.findings:
         return []
+    result = named(result, card)
     ordered = ordered_sources(result, sources)
     by_image: dict[str, list[Finding]] = defaultdict(list)
     images: dict[str, pydicom.Dataset] = {}

@@ -1,7 +1,8 @@
 """DICOM Segmentation (PS3.3 A.51) of the findings, on the source grid, built with highdicom.
 
 One BINARY segment per finding present in the label map, numbered consecutively from 1 in order of
-`Finding.label_index` (`finding_segments`). Each segment carries the card label's property category/type codes,
+`Finding.label_index`, then cranio-caudally (`finding_segments`), labelled with the finding's name
+(`naming.named`: "Lung nodule 2", "L1"). Each segment carries the card label's property category/type codes,
 the finding site as anatomic region, algorithm type AUTOMATIC with the Algorithm Identification Sequence, and the
 finding's Tracking UID/ID (PS3.3 C.8.20.4), so the SR's measurement group and the segment share one
 tracking identity. For vertebrae (one finding per label) this is one segment per label present; for
@@ -32,6 +33,7 @@ from inference.encode.common import (
     ordered_sources,
     series_description,
 )
+from inference.encode.naming import named
 from inference.errors import EncodeError
 from inference.findings import Algorithm, Finding, InferenceResult
 from inference.model_card import ModelCard
@@ -141,6 +143,7 @@ def encode_seg(
             f"label map shape {label_map.shape} does not match {len(result.source_sop_instance_uids)} slices"
         )
     images = ordered_sources(result, sources)
+    result = named(result, card)
     if label_map.shape[1:] != (int(images[0].Rows), int(images[0].Columns)):
         raise EncodeError(f"label map shape {label_map.shape} does not match the source image matrix")
     relabelled, owners = finding_segments(result, images)
@@ -173,12 +176,12 @@ def _describe(finding: Finding, number: int, card: ModelCard, stages: Sequence[t
     site = finding.site_code or spec.site
     return hd.seg.SegmentDescription(
         segment_number=number,
-        segment_label=f"{finding.label} {number}" if card.postprocess == "nodules" else finding.label,
+        segment_label=finding.display_name,
         segmented_property_category=coded(spec.category),
         segmented_property_type=coded(finding.finding_code),
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm_identification(card, stages),
         tracking_uid=finding.tracking_uid,
-        tracking_id=f"{finding.label} {finding.label_index}" if finding.tracking_uid else None,
+        tracking_id=finding.display_name if finding.tracking_uid else None,
         anatomic_regions=[coded(site)] if site is not None else None,
     )

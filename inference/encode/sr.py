@@ -5,7 +5,8 @@ Content tree (PS3.16 TID 1500):
 - procedure reported: CT chest for the nodule model, else CT/MR of an unspecified body region (CID 100);
 - image library (TID 1600) with every source image;
 - one Volumetric ROI group (TID 1411) per finding: tracking identifier (UID = `Finding.tracking_uid`),
-  finding type, category and site, algorithm identification (TID 4019: name, version, "weights sha256=<hex>" of
+  finding type, category and site, named as `naming.named` names it ("Lung nodule 2", cranio-caudal order),
+  algorithm identification (TID 4019: name, version, "weights sha256=<hex>" of
   the model whose stage produced the finding, `Finding.algorithm`),
   the ROI as the finding's SEG segment when a SEG is given (the SEG segment also carries the same
   Tracking UID), else a "Volume surface" SCOORD3D POINT at the centre in the source frame of reference
@@ -13,6 +14,10 @@ Content tree (PS3.16 TID 1500):
   (SCT 81827009, mm), Volume (SCT 118565006, mm3) and the detection probability ({ratio}). No standard
   concept names a detector's confidence (DCM 111047 "Probability of cancer" would claim malignancy), so
   it is the private code 99DXGATE DXG0001 "Detection probability";
+- after each, a Planar ROI group (TID 1410) of the same finding (same tracking identifier and UID): an Image
+  Region SCOORD on the source slice through its centre, a CIRCLE of the diameter (else a POINT), with the
+  Diameter (else the Volume). TID 1411 does not allow image coordinates next to a segment reference; viewers
+  that list TID 1500 measurements only from SCOORD content (OHIF v3) draw this group;
 - no finding: one TID 1501 group whose qualitative evaluations answer each card finding type with
   SCT 272519000 "Absent" (highdicom requires at least one measurement group).
 A re-run that supersedes earlier reports lists them in the Predecessor Documents Sequence (C.17.2.1).
@@ -35,15 +40,18 @@ from inference.encode.common import (
     UNIT_MM,
     UNIT_MM3,
     UNIT_RATIO,
+    centre_pixel,
     coded,
     device_uid,
     label_spec_for,
+    nearest_source,
     new_instance,
     ordered_sources,
     private_coding_schemes,
     series_description,
     stage_name,
 )
+from inference.encode.naming import named
 from inference.errors import EncodeError
 from inference.findings import Algorithm, Finding, InferenceResult, algorithm_of
 from inference.model_card import ModelCard
@@ -78,9 +86,8 @@ def finding_algorithm_id(finding: Finding, card: ModelCard) -> hd.sr.AlgorithmId
 
 
 def tracking_identifier(finding: Finding) -> hd.sr.TrackingIdentifier:
-    return hd.sr.TrackingIdentifier(
-        uid=finding.tracking_uid or generate_uid(), identifier=f"{finding.label} {finding.label_index}"
-    )
+    """TID 4108 Tracking Identifier: the finding's name in the report (`naming.named`) and its Tracking UID."""
+    return hd.sr.TrackingIdentifier(uid=finding.tracking_uid or generate_uid(), identifier=finding.display_name)
 
 
 def encode_sr(
@@ -99,16 +106,19 @@ def encode_sr(
     (StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID) of earlier dxgate SRs this one replaces.
     """
     images = ordered_sources(result, sources)
+    result = named(result, card)
     groups: list[
-        hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations
+        hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+        | hd.sr.MeasurementsAndQualitativeEvaluations
     ]
     try:
         if result.findings:
             numbers = segment_of(seg) if seg is not None else {}
-            groups = [
-                _finding_group(f, card, images, finding_algorithm_id(f, card), seg, numbers.get(f.tracking_uid))
-                for f in result.findings
-            ]
+            groups = []
+            for f in result.findings:
+                algo = finding_algorithm_id(f, card)
+                groups.append(_finding_group(f, card, images, algo, seg, numbers.get(f.tracking_uid)))
+                groups.append(_planar_group(f, card, images, algo))
         else:
             groups = [_no_finding_group(card, algorithm_id(algorithm_of(card), result.algorithms[1:]))]
         report = hd.sr.MeasurementReport(
@@ -207,6 +217,45 @@ def _finding_group(
         algorithm_id=algo,
         measurements=measurements,
         **roi,
+    )
+
+
+def image_region(finding: Finding, image: pydicom.Dataset) -> hd.sr.ImageRegion:
+    """Image Region SCOORD (TID 1410, PS3.3 C.18.6) on the slice through the finding's centre: a CIRCLE of the
+    measured diameter (centre, then a point on the circle), else a POINT at the centre; pixel coordinates whose
+    origin is the top-left corner of the top-left pixel (PS3.3 C.18.6.1.1)."""
+    col, row = centre_pixel(finding, image)
+    col, row = col + 0.5, row + 0.5
+    source = hd.sr.SourceImageForRegion.from_source_image(image)
+    if not finding.diameter_mm:
+        return hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POINT, graphic_data=np.array([[col, row]]), source_image=source)
+    radius = float(finding.diameter_mm) / 2.0 / float(image.PixelSpacing[1])
+    edge = col + radius if col + radius <= float(image.Columns) else col - radius
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.CIRCLE, graphic_data=np.array([[col, row], [edge, row]]),
+        source_image=source)
+
+
+def _planar_group(finding: Finding, card: ModelCard, images: Sequence[pydicom.Dataset],
+                  algo: hd.sr.AlgorithmIdentification) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410 group of the same finding (same Tracking Identifier and UID): its `image_region` on the centre
+    slice with the diameter (else the volume) inferred from it."""
+    spec = label_spec_for(card, finding)
+    site = finding.site_code or spec.site
+    measurements = []
+    if finding.diameter_mm is not None:
+        measurements.append(hd.sr.Measurement(name=codes.SCT.Diameter, value=finding.diameter_mm, unit=UNIT_MM))
+    elif finding.volume_mm3 is not None:
+        measurements.append(hd.sr.Measurement(name=codes.SCT.Volume, value=finding.volume_mm3, unit=UNIT_MM3))
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking_identifier(finding),
+        referenced_region=image_region(finding, nearest_source(finding, images)),
+        finding_type=coded(finding.finding_code),
+        finding_category=coded(spec.category),
+        finding_sites=[hd.sr.FindingSite(anatomic_location=coded(site))] if site is not None else None,
+        algorithm_id=algo,
+        measurements=measurements or None,
     )
 
 

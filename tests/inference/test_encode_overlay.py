@@ -9,27 +9,15 @@ from pydicom.uid import GrayscaleSoftcopyPresentationStateStorage, SecondaryCapt
 from inference.encode import encode_gsps, encode_secondary_capture
 from inference.encode.common import LUNG_WINDOW
 from inference.validation import dciodvfy_available, validate_output
-
-try:
-    from encode_fixtures import (
-        PIXEL_SPACING,
-        build_ct_series,
-        empty_result,
-        nodule_card,
-        nodule_result,
-        vertebra_card,
-        vertebra_result,
-    )
-except ImportError:  # tests/inference became a package
-    from tests.inference.encode_fixtures import (
-        PIXEL_SPACING,
-        build_ct_series,
-        empty_result,
-        nodule_card,
-        nodule_result,
-        vertebra_card,
-        vertebra_result,
-    )
+from tests.inference.encode_fixtures import (
+    PIXEL_SPACING,
+    build_ct_series,
+    empty_result,
+    nodule_card,
+    nodule_result,
+    vertebra_card,
+    vertebra_result,
+)
 
 needs_dciodvfy = pytest.mark.skipif(not dciodvfy_available(), reason="dciodvfy (dicom3tools) not installed")
 # fixture nodules: (slice, row, col) centres (3, 20, 22) and (5, 42, 40)
@@ -55,8 +43,9 @@ def test_gsps_annotates_each_finding_on_its_slice(sources):
     }
     voi = gsps.SoftcopyVOILUTSequence[0]
     assert (float(voi.WindowCenter), float(voi.WindowWidth)) == LUNG_WINDOW
+    # annotations in the report's cranio-caudal order: the superior nodule (slice 5) first
     for annotation, index, (col, row), finding in zip(
-        gsps.GraphicAnnotationSequence, NODULE_SLICES, NODULE_PIXELS, result.findings, strict=True
+        gsps.GraphicAnnotationSequence, NODULE_SLICES[::-1], NODULE_PIXELS[::-1], result.findings[::-1], strict=True
     ):
         assert annotation.ReferencedImageSequence[0].ReferencedSOPInstanceUID == sources[index].SOPInstanceUID
         (circle,) = annotation.GraphicObjectSequence

@@ -14,31 +14,17 @@ from scipy.ndimage import label as ndimage_label
 from inference.encode import encode_seg
 from inference.errors import EncodeError
 from inference.validation import dciodvfy_available, validate_output
-
-try:
-    from encode_fixtures import (
-        SECOND_STAGE,
-        build_ct_series,
-        empty_result,
-        nodule_card,
-        nodule_result,
-        shared_label_result,
-        two_stage_result,
-        vertebra_card,
-        vertebra_result,
-    )
-except ImportError:  # tests/inference became a package
-    from tests.inference.encode_fixtures import (
-        SECOND_STAGE,
-        build_ct_series,
-        empty_result,
-        nodule_card,
-        nodule_result,
-        shared_label_result,
-        two_stage_result,
-        vertebra_card,
-        vertebra_result,
-    )
+from tests.inference.encode_fixtures import (
+    SECOND_STAGE,
+    build_ct_series,
+    empty_result,
+    nodule_card,
+    nodule_result,
+    shared_label_result,
+    two_stage_result,
+    vertebra_card,
+    vertebra_result,
+)
 
 
 @pytest.fixture(scope="module")

@@ -11,34 +11,20 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import Comprehensive3DSRStorage
 
 from inference.encode import encode_seg, encode_sr
+from inference.encode.naming import cranio_caudal
 from inference.validation import dciodvfy_available, validate_output
-
-try:
-    from encode_fixtures import (
-        SECOND_STAGE,
+from tests.inference.encode_fixtures import (
+    SECOND_STAGE,
     SHA,
-        build_ct_series,
-        empty_result,
-        nodule_card,
-        nodule_result,
-        shared_label_result,
-        two_stage_result,
-        vertebra_card,
-        vertebra_result,
-    )
-except ImportError:  # tests/inference became a package
-    from tests.inference.encode_fixtures import (
-        SECOND_STAGE,
-    SHA,
-        build_ct_series,
-        empty_result,
-        nodule_card,
-        nodule_result,
-        shared_label_result,
-        two_stage_result,
-        vertebra_card,
-        vertebra_result,
-    )
+    build_ct_series,
+    empty_result,
+    nodule_card,
+    nodule_result,
+    shared_label_result,
+    two_stage_result,
+    vertebra_card,
+    vertebra_result,
+)
 
 needs_dciodvfy = pytest.mark.skipif(not dciodvfy_available(), reason="dciodvfy (dicom3tools) not installed")
 
@@ -77,8 +63,9 @@ def test_nodule_sr_lists_findings_with_location_and_measurements(sources):
     back = _read_back(sr)
     assert isinstance(back, hd.sr.Comprehensive3DSR)
     groups = back.content.get_volumetric_roi_measurement_groups()
-    assert [str(g.tracking_uid) for g in groups] == [f.tracking_uid for f in result.findings]
-    for group, finding in zip(groups, result.findings, strict=True):
+    ordered = cranio_caudal(result.findings)   # the report's order: superior first
+    assert [str(g.tracking_uid) for g in groups] == [f.tracking_uid for f in ordered]
+    for group, finding in zip(groups, ordered, strict=True):
         assert group.finding_type.value == "27925004"
         assert [site.value.value for site in group.finding_sites] == ["39607008"]
         assert group.reference_type == codes.DCM.VolumeSurface
@@ -119,7 +106,8 @@ def test_each_finding_names_the_stage_that_found_it(sources):
     card = nodule_card()
     result = two_stage_result(sources, card)
     groups = _read_back(encode_sr(result, card, sources, seg=None)).content.get_volumetric_roi_measurement_groups()
-    first, second = (_texts(g) for g in groups)
+    by_uid = {str(g.tracking_uid): g for g in groups}
+    first, second = (_texts(by_uid[f.tracking_uid]) for f in result.findings)
     assert first["Algorithm Name"] == [card.name] * 2       # the group and its probability measurement
     assert second["Algorithm Name"] == [SECOND_STAGE.name] * 2
     assert second["Algorithm Version"] == [SECOND_STAGE.version] * 2
@@ -148,7 +136,7 @@ def test_sr_references_the_seg_segment_of_each_finding(sources, build):
     sr = encode_sr(result, card, sources, seg=seg)
     groups = _read_back(sr).content.get_volumetric_roi_measurement_groups()
     tracking = {str(d.TrackingUID): int(d.SegmentNumber) for d in seg.SegmentSequence}
-    for group, finding in zip(groups, result.findings, strict=True):
+    for group, finding in zip(groups, cranio_caudal(result.findings), strict=True):
         assert group.reference_type == codes.DCM.ReferencedSegment
         ref = group.referenced_segment
         assert ref.referenced_sop_instance_uid == seg.SOPInstanceUID
@@ -163,14 +151,15 @@ def test_vertebra_sr_uses_vertebra_codes_and_centroids(sources):
     card = vertebra_card()
     result = vertebra_result(sources, card)
     groups = _read_back(encode_sr(result, card, sources, seg=None)).content.get_volumetric_roi_measurement_groups()
+    # superior first: on this synthetic grid L2 lies above L1
     assert [(g.finding_type.value, g.finding_type.meaning) for g in groups] == [
-        ("66794005", "First lumbar vertebra"),
         ("14293000", "Second lumbar vertebra"),
+        ("66794005", "First lumbar vertebra"),
     ]
     assert [g.finding_category.value for g in groups] == ["91723000", "91723000"]
-    for group, finding in zip(groups, result.findings, strict=True):
+    for group, finding in zip(groups, cranio_caudal(result.findings), strict=True):
         np.testing.assert_allclose(group.roi.graphic_data[0], finding.centre_mm)
-        assert group.tracking_identifier == f"{finding.label} {finding.label_index}"
+        assert group.tracking_identifier == finding.label   # a vertebra level keeps its name: "L1", not "L1 1"
 
 
 def test_no_finding_sr_says_so(sources):

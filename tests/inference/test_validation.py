@@ -16,11 +16,7 @@ from inference.validation import (
     roundtrip,
     validate_output,
 )
-
-try:
-    from encode_fixtures import build_ct_series, nodule_card, nodule_result
-except ImportError:  # tests/inference became a package
-    from tests.inference.encode_fixtures import build_ct_series, nodule_card, nodule_result
+from tests.inference.encode_fixtures import build_ct_series, nodule_card, nodule_result
 
 needs_dciodvfy = pytest.mark.skipif(not dciodvfy_available(), reason="dciodvfy (dicom3tools) not installed")
 

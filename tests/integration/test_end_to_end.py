@@ -61,12 +61,16 @@ def test_storescu_study_comes_back_as_sr_seg_gsps(tmp_path: Path, chest_study, g
             assert report.ok, (ds.SOPClassUID, report.errors)
 
     sr = hd.sr.Comprehensive3DSR.from_dataset(received[SR_CLASS][0])
-    groups = sr.content.get_volumetric_roi_measurement_groups() + sr.content.get_planar_roi_measurement_groups()
-    assert len(groups) == n_findings
-    for group in groups:
-        assert group.tracking_uid
-        # the finding's location: its SEG segment (with SEG) or a SCOORD3D point
-        assert group.referenced_segment is not None or group.roi is not None
+    volumetric = sr.content.get_volumetric_roi_measurement_groups()
+    planar = sr.content.get_planar_roi_measurement_groups()
+    # per finding: a volumetric group (its SEG segment, or a SCOORD3D point) and a planar one on its centre slice
+    assert len(volumetric) == len(planar) == n_findings
+    assert {str(g.tracking_uid) for g in volumetric} == {str(g.tracking_uid) for g in planar}
+    for group in volumetric:
+        assert getattr(group, "referenced_segment", None) is not None or group.roi is not None
+    for group in planar:
+        (image,) = group.roi.ContentSequence  # SELECTED FROM: the centre slice (PS3.3 C.18.3)
+        assert str(image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) in source_uids
     if SEG_CLASS in received:
         seg = hd.seg.Segmentation.from_dataset(received[SEG_CLASS][0])
         assert seg.number_of_segments >= 1
