@@ -22,12 +22,54 @@ log = logging.getLogger("dxgate.scp")
 
 LISTEN_BACKLOG = 256
 """Connections the kernel queues before accept (socketserver's default of 5 drops a burst of connections)."""
+CONNECTION_SLACK = 4
+"""Connections a host may open beyond its association limit: those few get a proper A-ASSOCIATE-RJ
+(transient), a flood beyond them is closed at accept."""
 
 
 class PlainAssociationServer(ThreadedAssociationServer):
-    """pynetdicom's threaded association server with a listen backlog for bursts of connections."""
+    """pynetdicom's threaded association server with a listen backlog for bursts of connections, and a cap on
+    the connections one host holds open (associated or not yet), checked before a thread is started for one.
+
+    Without the cap, a peer opening a thousand TCP connections that never associate gets a thousand threads
+    polling until their ARTIM timers expire, and the associations of every other caller are refused meanwhile.
+    """
 
     request_queue_size = LISTEN_BACKLOG
+    max_connections_per_host = 0
+    """0 = no cap; limits.max_associations_per_host + CONNECTION_SLACK in the SCP."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._starting: dict[int, str] = {}
+        self._starting_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        cap = self.max_connections_per_host
+        if cap <= 0:
+            return True
+        host = client_address[0]
+        with self._starting_lock:  # accepted connections whose association thread has not started yet count too
+            starting = sum(1 for h in self._starting.values() if h == host)
+            live = starting + sum(1 for a in self.ae.active_associations if a.requestor.address == host)
+            if live < cap:
+                self._starting[id(request)] = host
+                return True
+        log.warning("connection refused", extra={
+            "peer": host, "reason": f"{live} connections from this host are open "
+                                    f"(limits.max_associations_per_host: {cap})"})
+        return False
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)  # starts the association's thread
+        finally:
+            self.forget(request)
+
+    def forget(self, request: Any) -> None:
+        """The connection's association has started (or the connection is closed): count it as live only."""
+        with self._starting_lock:
+            self._starting.pop(id(request), None)
 
 
 class ReusePortAssociationServer(PlainAssociationServer):
@@ -69,6 +111,7 @@ class _HandshakeInConnectionThread:
             why = getattr(exc, "reason", None) or type(exc).__name__
             log.warning("TLS handshake refused", extra={"reason": f"from {client_address[0]}: {why}"})
             self.shutdown_request(request)  # type: ignore[attr-defined]
+            self.forget(request)  # type: ignore[attr-defined]
             return
         super().process_request_thread(request, client_address)  # type: ignore[misc]
 
@@ -82,8 +125,8 @@ class TlsReusePortAssociationServer(_HandshakeInConnectionThread, ReusePortAssoc
 
 
 def start_listener(ae: AE, address: tuple[str, int], handlers: list[tuple[Any, Callable[..., Any]]], *,
-                   tls_context: ssl.SSLContext | None, reuse_port: bool,
-                   handshake_timeout_s: float) -> ThreadedAssociationServer:
+                   tls_context: ssl.SSLContext | None, reuse_port: bool, handshake_timeout_s: float,
+                   max_connections_per_host: int = 0) -> ThreadedAssociationServer:
     """Listen on `address` in a background thread; `AE.shutdown()` stops it, as for start_server()."""
     server_class: type[ThreadedAssociationServer]
     if tls_context is not None:
@@ -91,6 +134,8 @@ def start_listener(ae: AE, address: tuple[str, int], handlers: list[tuple[Any, C
     else:
         server_class = ReusePortAssociationServer if reuse_port else PlainAssociationServer
     server = ae.make_server(address, ssl_context=tls_context, evt_handlers=handlers, server_class=server_class)
+    if isinstance(server, PlainAssociationServer):
+        server.max_connections_per_host = max_connections_per_host + CONNECTION_SLACK if max_connections_per_host else 0
     if isinstance(server, _HandshakeInConnectionThread):
         server.handshake_timeout_s = handshake_timeout_s
     name = f"AcceptorServer-{'tls' if tls_context is not None else 'plain'}-{address[1]}"

@@ -190,7 +190,8 @@ class StorageSCP:
     def _start_server(self, port: int, tls_context: ssl.SSLContext | None) -> ThreadedAssociationServer:
         s = self.settings
         return start_listener(self.ae, (s.bind_address, port), self._handlers(), tls_context=tls_context,
-                              reuse_port=self.reuse_port, handshake_timeout_s=s.network_timeout_s)
+                              reuse_port=self.reuse_port, handshake_timeout_s=s.network_timeout_s,
+                              max_connections_per_host=s.limits.max_associations_per_host)
 
     def stop(self) -> None:
         """Stop listening and abort open associations (their instances stay recorded, they are closed)."""

@@ -21,8 +21,8 @@ def scp_factory(tmp_path: Path) -> Iterator[Callable[..., StorageSCP]]:
     started: list[StorageSCP] = []
 
     def start(**overrides: object) -> StorageSCP:
-        settings = Settings(data_dir=tmp_path / "var", network_timeout_s=5, **{"dicom_port": free_port(),
-                                                                               **overrides})
+        settings = Settings(data_dir=tmp_path / "var", **{"network_timeout_s": 5, "dicom_port": free_port(),
+                                                          **overrides})
         scp = StorageSCP(settings, Store(settings.db_path), Spool(settings.spool_dir, fsync=False, min_free_bytes=0))
         scp.start()
         started.append(scp)

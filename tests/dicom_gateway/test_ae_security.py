@@ -8,6 +8,7 @@ result, source and reason of PS3.8 Table 9-21, logged with AE title and peer add
 from __future__ import annotations
 
 import logging
+import select
 import subprocess
 import sys
 import time
@@ -159,3 +160,26 @@ def test_serve_refuses_an_exposed_bind_naming_the_keys(tmp_path: Path) -> None:
         assert key in res.stderr, res.stderr
     cfg["insecure"] = True  # the explicit opt-out is accepted by the settings
     assert Settings(**cfg).insecure
+
+
+def test_a_flood_of_idle_connections_from_one_host_is_closed_at_accept(scp_factory) -> None:
+    """Beyond its association limit plus a small slack, a host's connections are closed before a thread is
+    started for them, so a flood cannot hold the SCP's association slots until the ARTIM timers expire."""
+    from dicom_gateway.receive.listeners import CONNECTION_SLACK
+    from harness.hostile import idle_connections
+
+    per_host = 2
+    scp = scp_factory(limits={"max_associations_per_host": per_host})  # ARTIM timer: network_timeout_s 5 s
+    socks = idle_connections(scp.port, 20)
+    try:
+        time.sleep(1.0)  # closes at accept come at once; the held ones wait for an A-ASSOCIATE-RQ
+        readable, _, _ = select.select(socks, [], [], 0)
+        closed = sum(1 for s in readable if s.recv(1) == b"")
+        assert closed == len(socks) - (per_host + CONNECTION_SLACK)
+    finally:
+        for s in socks:
+            s.close()
+    deadline = time.monotonic() + 20
+    while run_echoscu(scp.port, "DXGATE", calling_ae="CT01").returncode != 0:
+        assert time.monotonic() < deadline, "the SCP did not admit the host again once its connections closed"
+        time.sleep(0.5)
