@@ -25,6 +25,7 @@ from dicom_gateway.settings import Settings
 from harness.dcmtk import run_echoscu
 from harness.gateway import REPO, write_config
 from harness.system import free_port
+from tests.dicom_gateway.stores import closed_associations
 
 pytestmark = pytest.mark.integration
 
@@ -124,12 +125,7 @@ def test_an_association_older_than_the_limit_is_aborted(scp_factory, caplog: pyt
     while assoc.is_established and time.monotonic() < deadline:
         time.sleep(0.1)
     assert assoc.is_aborted
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        rows = scp.store.db.query("SELECT closed_at, aborted FROM associations")
-        if rows and rows[0]["closed_at"]:
-            break
-        time.sleep(0.05)
+    rows = closed_associations(scp.store, timeout_s=5)
     assert [(bool(r["closed_at"]), r["aborted"]) for r in rows] == [(True, 1)]
     (log,) = [r for r in caplog.records if r.getMessage() == "association aborted"]
     assert log.calling_ae == "SLOW" and "limits.max_association_seconds" in log.reason

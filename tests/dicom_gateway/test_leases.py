@@ -17,9 +17,10 @@ from dicom_gateway.errors import LeaseLostError
 from dicom_gateway.server import load_models
 from dicom_gateway.settings import Destination, Settings, WorkerSettings
 from dicom_gateway.states import JobState, Stage
-from dicom_gateway.store import InstanceRecord, Store
+from dicom_gateway.store import Store
 from dicom_gateway.work.worker import LoadedModel, Worker
 from harness.ct import build_ct_series
+from tests.dicom_gateway.stores import ingest
 
 LEASE_S = 0.5
 
@@ -34,13 +35,7 @@ def line(tmp_path: Path, smoke_models_dir: Path) -> tuple[Settings, Store, dict[
     spool = tmp_path / "spool"
     spool.mkdir()
     datasets = build_ct_series(20)
-    for ds in datasets:
-        path = spool / f"{ds.SOPInstanceUID}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        store.instances.record(InstanceRecord(
-            sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID, study_uid=ds.StudyInstanceUID,
-            series_uid=ds.SeriesInstanceUID, transfer_syntax=ds.file_meta.TransferSyntaxUID, path=str(path),
-            size=path.stat().st_size, calling_ae="PACS", association_id=None, modality="CT"))
+    ingest(store, spool, datasets)
     job_id, _ = store.jobs.create(study_uid=datasets[0].StudyInstanceUID, model="lung_nodule_ct", model_version="1",
                                   series_uid=datasets[0].SeriesInstanceUID,
                                   input_uids=[str(d.SOPInstanceUID) for d in datasets], destinations=["pacs"],

@@ -30,6 +30,7 @@ from harness.dcmtk import run_echoscu, run_storescu
 from harness.hostile import ABORT, P_DATA, RawPeer, associate_rq, c_store_rq, p_data, pdu, pdv, uid_value
 from harness.payloads import deflate_bomb, element, nested_sequences
 from harness.system import free_port
+from tests.dicom_gateway.stores import closed_associations
 
 pytestmark = pytest.mark.integration
 
@@ -121,12 +122,7 @@ def test_p_data_announcing_4_gib_is_aborted_before_its_body_is_read(gateway: Gat
         t0 = time.monotonic()  # then closed: None well before the peer's 20 s read timeout
         assert peer.read_pdu() is None and time.monotonic() - t0 < 10, "the connection stayed open"
     gateway.echo()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        rows = gateway.store.db.query("SELECT aborted, closed_at FROM associations WHERE calling_ae='RAWPEER'")
-        if rows and rows[0]["closed_at"]:
-            break
-        time.sleep(0.05)
+    rows = closed_associations(gateway.store, "RAWPEER")
     assert [r["aborted"] for r in rows] == [1]
 
 

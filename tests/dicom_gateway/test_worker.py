@@ -12,22 +12,10 @@ import pytest
 
 from dicom_gateway.server import load_models
 from dicom_gateway.settings import Destination, Settings
-from dicom_gateway.store import InstanceRecord, Store
+from dicom_gateway.store import Store
 from dicom_gateway.work.worker import Worker
 from harness.ct import build_ct_series
-
-
-def _ingest(store: Store, spool: Path, datasets: list[pydicom.Dataset]) -> list[str]:
-    uids = []
-    for ds in datasets:
-        path = spool / f"{ds.SOPInstanceUID}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        store.instances.record(InstanceRecord(
-            sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID, study_uid=ds.StudyInstanceUID,
-            series_uid=ds.SeriesInstanceUID, transfer_syntax=ds.file_meta.TransferSyntaxUID, path=str(path),
-            size=path.stat().st_size, calling_ae="PACS", association_id=None, modality=ds.Modality))
-        uids.append(ds.SOPInstanceUID)
-    return uids
+from tests.dicom_gateway.stores import ingest
 
 
 @pytest.fixture
@@ -57,7 +45,7 @@ def test_job_is_encoded_validated_and_written_to_outbox(setup) -> None:  # noqa:
         yy, xx = np.mgrid[0:ds.Rows, 0:ds.Columns]
         hu[((yy - 30) ** 2 + (xx - 30) ** 2 + ((i - 12) * 3.5) ** 2) < 64] = 60
         ds.PixelData = hu.tobytes()
-    job_id = _job(store, datasets, _ingest(store, spool, datasets))
+    job_id = _job(store, datasets, ingest(store, spool, datasets))
     assert Worker(settings, store, models).run_once()
     job = store.jobs.get(job_id)
     assert job["state"] == "ENCODED", (job["failed_stage"], job["reason"])
@@ -76,7 +64,7 @@ def test_job_is_encoded_validated_and_written_to_outbox(setup) -> None:  # noqa:
 def test_missing_spool_file_fails_at_load_stage(setup) -> None:  # noqa: ANN001
     settings, store, models, spool = setup
     datasets = build_ct_series(20)
-    uids = _ingest(store, spool, datasets)
+    uids = ingest(store, spool, datasets)
     (spool / f"{uids[3]}.dcm").unlink()
     job_id = _job(store, datasets, uids)
     Worker(settings, store, models).run_once()
@@ -90,7 +78,7 @@ def test_wrong_modality_fails_with_a_clear_reason(setup) -> None:  # noqa: ANN00
     datasets = build_ct_series(20)
     for ds in datasets:
         ds.Modality = "MR"
-    job_id = _job(store, datasets, _ingest(store, spool, datasets))
+    job_id = _job(store, datasets, ingest(store, spool, datasets))
     Worker(settings, store, models).run_once()
     job = store.jobs.get(job_id)
     assert job["state"] == "FAILED" and job["failed_stage"] == "load"
@@ -100,7 +88,7 @@ def test_wrong_modality_fails_with_a_clear_reason(setup) -> None:  # noqa: ANN00
 def test_unknown_model_fails_at_load_model(setup) -> None:  # noqa: ANN001
     settings, store, models, spool = setup
     datasets = build_ct_series(20)
-    job_id = _job(store, datasets, _ingest(store, spool, datasets), model="not_installed")
+    job_id = _job(store, datasets, ingest(store, spool, datasets), model="not_installed")
     Worker(settings, store, models).run_once()
     job = store.jobs.get(job_id)
     assert job["state"] == "FAILED" and job["failed_stage"] == "load_model"
